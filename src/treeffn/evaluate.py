@@ -1,0 +1,73 @@
+"""Evaluation of a trained checkpoint: loss, perplexity, bits per byte, size and analytic cost per token."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from .errors import DataError
+
+
+def data_dir_of(folder: Path, override: str | Path | None = None) -> Path:
+    if override is not None:
+        return Path(override)
+    info = Path(folder) / "data.json"
+    if info.is_file():
+        return Path(json.loads(info.read_text())["data_dir"])
+    raise DataError(f"{folder} does not record its training data; pass --data DIR")
+
+
+def evaluate_checkpoint(path: str | Path, data: str | Path | None = None, windows: int = 0, batch_size: int = 8,
+                        device: str = "auto", progress: bool = True) -> dict:
+    """Validation metrics for a checkpoint on its data's validation split (``windows`` ≤ 0: all of it)."""
+    from .data import load_meta, load_tokens
+    from .train import Batches, evaluate_loss, resolve_device
+
+    dev = resolve_device(device)
+    folder = ckpt.resolve(path)
+    model = ckpt.load_model(folder, device=dev)
+    ddir = data_dir_of(folder, data)
+    meta = load_meta(ddir)
+    if meta["vocab_size"] != model.cfg.model.vocab_size:
+        raise DataError(f"data in {ddir} has vocabulary {meta['vocab_size']}, the model {model.cfg.model.vocab_size}")
+    val = Batches(load_tokens(ddir, "val"), model.cfg.model.seq_len, model.cfg.model.vocab_size)
+    loss, ntok = evaluate_loss(model, val, windows, batch_size, dev, progress=progress)
+    units = model.ffn_units()
+    flops = model.flops_per_token()
+    bytes_per_token = meta["bytes"]["val"] / max(1, meta["tokens"]["val"])
+    return {
+        "checkpoint": str(folder),
+        "config": model.cfg.describe(),
+        "val_loss": loss,
+        "perplexity": math.exp(loss),
+        "bits_per_byte": loss / math.log(2) / bytes_per_token,
+        "val_tokens_scored": ntok,
+        "params": model.num_params(),
+        "params_non_embedding": model.num_params(exclude_embeddings=True),
+        "ffn_units_total": units["total"],
+        "ffn_units_active": units["active"],
+        "ffn_active_fraction": units["fraction"],
+        "flops_per_token": flops["total"],
+        "ffn_flops_per_token": flops["ffn"],
+    }
+
+
+@torch.no_grad()
+def decode_speed(model, prompt_len: int = 64, new_tokens: int = 64, batch: int = 1, repeats: int = 2,
+                 seed: int = 0) -> float:
+    """Greedy decoding tokens/s with the KV cache (prefill excluded from the count, included in the time)."""
+    g = torch.Generator().manual_seed(seed)
+    V = model.cfg.model.vocab_size
+    prompt = torch.randint(0, V, (batch, prompt_len), generator=g).to(next(model.parameters()).device)
+    model.generate(prompt[:, :8], 4)  # warm-up (kernels, allocator)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        model.generate(prompt, new_tokens)
+        best = min(best, time.perf_counter() - t)
+    return batch * new_tokens / best

@@ -1,0 +1,78 @@
+"""Compile-on-first-use C++ extensions, cached between runs.
+
+Each kernel lives in ``kernels/csrc/<name>.cpp`` and is built with ``torch.utils.cpp_extension.load`` (ninja,
+``-O3 -march=native -fopenmp``). The build directory is ``$TREEFFN_CACHE/kernels`` (default
+``~/.cache/treeffn/kernels``), keyed by the source hash, so the second process loads it in milliseconds.
+When no compiler or ninja is available, :func:`load_extension` returns ``None`` once with a one-line warning and
+callers fall back to their PyTorch path. ``TREEFFN_NO_EXT=1`` disables compilation entirely.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import sysconfig
+import threading
+import warnings
+from pathlib import Path
+
+_CSRC = Path(__file__).parent / "csrc"
+_LOCK = threading.Lock()
+_CACHE: dict[str, object] = {}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TREEFFN_CACHE", Path.home() / ".cache" / "treeffn"))
+
+
+def _ensure_ninja_on_path() -> None:
+    # pip installs ninja next to the interpreter; a venv used without activation lacks it on PATH.
+    bindir = str(Path(sys.executable).parent)
+    scripts = sysconfig.get_path("scripts")
+    for d in (bindir, scripts):
+        if d and d not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = d + os.pathsep + os.environ.get("PATH", "")
+
+
+def load_extension(name: str, verbose: bool = False):
+    """Build (once) and import the extension ``csrc/<name>.cpp``; ``None`` if it cannot be built."""
+    with _LOCK:
+        if name in _CACHE:
+            return _CACHE[name]
+        module = None
+        if os.environ.get("TREEFFN_NO_EXT", "") not in ("", "0"):
+            _CACHE[name] = None
+            return None
+        try:
+            _ensure_ninja_on_path()
+            if shutil.which("ninja") is None or shutil.which(os.environ.get("CXX", "c++")) is None:
+                raise RuntimeError("ninja or a C++ compiler is not on PATH")
+            from torch.utils import cpp_extension
+
+            src = _CSRC / f"{name}.cpp"
+            digest = hashlib.sha1(src.read_bytes()).hexdigest()[:12]
+            build_dir = cache_root() / "kernels" / f"{name}-{digest}"
+            build_dir.mkdir(parents=True, exist_ok=True)
+            flags = ["-O3", "-fopenmp", "-std=c++17"]
+            if os.environ.get("TREEFFN_PORTABLE_EXT", "") in ("", "0"):
+                flags.append("-march=native")
+            module = cpp_extension.load(
+                name=f"treeffn_{name}_{digest}",
+                sources=[str(src)],
+                extra_cflags=flags,
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(build_dir),
+                verbose=verbose,
+            )
+        except Exception as exc:  # noqa: BLE001 - any build failure means "use the PyTorch path"
+            warnings.warn(
+                f"treeffn: C++ kernel '{name}' unavailable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                "using the PyTorch path",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            module = None
+        _CACHE[name] = module
+        return module

@@ -1,0 +1,333 @@
+"""Decoder-only transformer with a pluggable feed-forward block.
+
+Shapes: B batch, T time (new tokens), S cached keys, D model width, H heads, G key/value heads, C head size, V vocab.
+
+Pre-norm blocks (LayerNorm or RMSNorm), rotary position embeddings (rotate-half convention, as Llama in HF),
+causal attention through ``scaled_dot_product_attention`` with grouped-query attention, tied or untied
+embeddings, and a KV cache for decoding. The feed-forward block comes from the registry in
+:mod:`treeffn.layers`; auxiliary losses and routing statistics come back explicitly in :class:`ModelOutput`.
+Blocks listed by ``mod.every`` are wrapped by :class:`treeffn.mod.RoutedBlock` (Mixture-of-Depths).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Config
+from .errors import DataError, TreeffnError
+from .layers import build_ffn
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (B, T, V)
+    loss: torch.Tensor | None = None  # lm_loss + aux_loss when targets are given
+    lm_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None  # sum of every layer's weighted auxiliary losses
+    stats: list[dict] = field(default_factory=list)  # per layer: detached routing statistics
+
+
+# ---- cache ---------------------------------------------------------------------------------------------------
+class LayerCache:
+    """Keys/values one attention layer has seen: k, v (B, G, S, C), their positions and validity (B, S).
+
+    A routed (MoD) layer appends only the tokens routed to it, so its S can be smaller than the model's.
+    """
+
+    def __init__(self):
+        self.k = self.v = self.pos = self.valid = None
+
+    def append(self, k, v, pos, valid):
+        if self.k is None:
+            self.k, self.v, self.pos, self.valid = k, v, pos, valid
+        else:
+            self.k = torch.cat([self.k, k], 2)
+            self.v = torch.cat([self.v, v], 2)
+            self.pos = torch.cat([self.pos, pos], 1)
+            self.valid = torch.cat([self.valid, valid], 1)
+        return self.k, self.v, self.pos, self.valid
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+
+class KVCache:
+    """One :class:`LayerCache` per block plus the number of positions consumed so far."""
+
+    def __init__(self, n_layer: int):
+        self.layers = [LayerCache() for _ in range(n_layer)]
+        self.seen = 0
+
+
+# ---- pieces --------------------------------------------------------------------------------------------------
+def make_norm(cfg: Config) -> nn.Module:
+    m = cfg.model
+    if m.norm == "rmsnorm":
+        return nn.RMSNorm(m.d_model, eps=m.norm_eps)
+    return nn.LayerNorm(m.d_model, eps=m.norm_eps, bias=m.bias)
+
+
+class Rotary(nn.Module):
+    def __init__(self, head_dim: int, base: float):
+        super().__init__()
+        inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv, persistent=False)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """x (B, H, T, C), pos (B, T) -> x rotated by its absolute positions."""
+        ang = pos.to(torch.float32)[:, None, :, None] * self.inv_freq  # (B, 1, T, C/2)
+        cos, sin = ang.cos(), ang.sin()
+        x1, x2 = x.float().chunk(2, dim=-1)
+        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        return out.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        m = cfg.model
+        self.n_head, self.n_kv, self.head_dim = m.n_head, m.kv_heads, m.head_dim
+        self.q = nn.Linear(m.d_model, m.n_head * m.head_dim, bias=m.bias)
+        self.k = nn.Linear(m.d_model, self.n_kv * m.head_dim, bias=m.bias)
+        self.v = nn.Linear(m.d_model, self.n_kv * m.head_dim, bias=m.bias)
+        self.o = nn.Linear(m.n_head * m.head_dim, m.d_model, bias=m.bias)
+        self.rotary = Rotary(m.head_dim, m.rope_base)
+        self.dropout = m.dropout
+
+    def forward(self, x, pos, cache: LayerCache | None = None, valid: torch.Tensor | None = None,
+                standard: bool = False) -> torch.Tensor:
+        """x (B, T, D); pos (B, T) absolute positions; valid (B, T) marks real tokens (padding is False).
+
+        ``standard`` = positions are 0..T-1 for every row, nothing cached, nothing padded: the causal flash path.
+        Otherwise a query at position p attends to valid keys at positions ≤ p (and always to itself).
+        """
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, C)
+        k = self.k(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, G, T, C)
+        v = self.v(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = self.rotary(q, pos), self.rotary(k, pos)
+        if valid is None:
+            valid = torch.ones(B, T, dtype=torch.bool, device=x.device)
+        drop = self.dropout if self.training else 0.0
+        gqa = self.n_kv != self.n_head
+        if cache is None and standard:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop, enable_gqa=gqa)
+        else:
+            kpos, kvalid = pos, valid
+            if cache is not None:
+                k, v, kpos, kvalid = cache.append(k, v, pos, valid)
+            S = k.shape[2]
+            mask = (kpos[:, None, :] <= pos[:, :, None]) & kvalid[:, None, :]  # (B, T, S)
+            own = torch.arange(S - T, S, device=x.device)
+            mask[:, torch.arange(T, device=x.device), own] = True  # a row is never empty (padding rows too)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], dropout_p=drop, enable_gqa=gqa)
+        return self.o(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class Block(nn.Module):
+    """x + attn(norm(x)), then + ffn(norm(x)). ``residual=False`` returns only the update f(x) (used by MoD)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.norm1 = make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.norm2 = make_norm(cfg)
+        self.ffn = build_ffn(cfg)
+        self.drop = nn.Dropout(cfg.model.dropout)
+
+    def forward(self, x, pos, cache=None, valid=None, standard=False, residual=True) -> tuple[torch.Tensor, dict]:
+        h = x + self.drop(self.attn(self.norm1(x), pos, cache, valid, standard))
+        f, aux = self.ffn(self.norm2(h))
+        h = h + self.drop(f)
+        return (h if residual else h - x), aux
+
+
+# ---- model ---------------------------------------------------------------------------------------------------
+class GPT(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        m = cfg.model
+        self.tok_emb = nn.Embedding(m.vocab_size, m.d_model)
+        blocks = []
+        for i in range(m.n_layer):
+            block = Block(cfg)
+            if is_routed_layer(cfg, i):
+                from .mod import RoutedBlock
+
+                block = RoutedBlock(cfg, block)
+            blocks.append(block)
+        self.blocks = nn.ModuleList(blocks)
+        self.norm_f = make_norm(cfg)
+        self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        if m.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        # GPT-2: scale the residual output projections by 1/sqrt(2 n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("attn.o.weight") or name.endswith("fc_out.weight") or name.endswith(".w2.weight"):
+                nn.init.normal_(p, 0.0, 0.02 / (2 * m.n_layer) ** 0.5)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0.0, 0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, 0.0, 0.02)
+
+    # ---- accounting ---------------------------------------------------------------------------------------------
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.tok_emb.weight.numel()
+        return n
+
+    def ffn_modules(self) -> list[nn.Module]:
+        return [blk.ffn if hasattr(blk, "ffn") else blk.block.ffn for blk in self.blocks]
+
+    def ffn_units(self) -> dict:
+        """Per-token feed-forward units: total, active (mean over layers) and the active fraction."""
+        ffns = self.ffn_modules()
+        total = sum(f.total_units() for f in ffns) / len(ffns)
+        active = sum(f.active_units() for f in ffns) / len(ffns)
+        return {"total": total, "active": active, "fraction": active / total}
+
+    def flops_per_token(self, context: int | None = None) -> dict:
+        """Analytic inference FLOPs per token (2 per multiply-add), averaged over a causal sequence of ``context``.
+
+        ``ffn`` counts feed-forward blocks only; ``total`` adds attention projections, attention scores and values
+        (mean context (T+1)/2), and the output head. MoD blocks count their capacity fraction.
+        """
+        m = self.cfg.model
+        T = context or m.seq_len
+        D, C = m.d_model, m.head_dim
+        attn_proj = 2 * D * (m.n_head * C) * 2 + 2 * D * (m.kv_heads * C) * 2
+        attn_ctx = 2 * 2 * m.n_head * C * (T + 1) / 2
+        total = ffn = 0.0
+        for i, f in enumerate(self.ffn_modules()):
+            frac = self.cfg.mod.capacity if is_routed_layer(self.cfg, i) else 1.0
+            ffn += frac * f.flops_per_token()
+            total += frac * (f.flops_per_token() + attn_proj + attn_ctx)
+        total += 2 * D * m.vocab_size
+        return {"total": total, "ffn": ffn}
+
+    def set_track_stats(self, on: bool) -> None:
+        for mod in self.modules():
+            if hasattr(mod, "track_stats"):
+                mod.track_stats = on
+
+    # ---- forward ------------------------------------------------------------------------------------------------
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None) -> ModelOutput:
+        """idx (B, T) token ids -> :class:`ModelOutput` with logits (B, T, V)."""
+        if idx.dim() != 2:
+            raise TreeffnError(f"token ids must have shape (batch, time); got {tuple(idx.shape)}")
+        B, T = idx.shape
+        V, ctx = self.cfg.model.vocab_size, self.cfg.model.seq_len
+        start = cache.seen if cache is not None else 0
+        if start + T > ctx:
+            raise TreeffnError(f"sequence of {start + T} tokens exceeds the model's context of {ctx}")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= V):
+            bad = int(idx.max()) if int(idx.max()) >= V else int(idx.min())
+            raise DataError(f"token id {bad} is out of range for vocabulary size {V}")
+        pos = torch.arange(start, start + T, device=idx.device).expand(B, T)
+        x = self.tok_emb(idx)
+        standard = cache is None
+        aux_loss = x.new_zeros((), dtype=torch.float32)
+        stats = []
+        for i, block in enumerate(self.blocks):
+            x, aux = block(x, pos, cache.layers[i] if cache is not None else None, None, standard)
+            if "loss" in aux:
+                aux_loss = aux_loss + aux["loss"].float()
+            stats.append({k: v for k, v in aux.items() if k != "loss"})
+        if cache is not None:
+            cache.seen += T
+        logits = self.lm_head(self.norm_f(x))
+        out = ModelOutput(logits=logits, aux_loss=aux_loss, stats=stats)
+        if targets is not None:
+            out.lm_loss = F.cross_entropy(logits.float().view(-1, V), targets.reshape(-1), ignore_index=-1)
+            out.loss = out.lm_loss + aux_loss
+        return out
+
+    # ---- generation ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, generator: torch.Generator | None = None,
+                 eos_id: int | None = None) -> torch.Tensor:
+        """Continue idx (B, T) by up to ``max_new_tokens`` tokens with the KV cache; temperature 0 is greedy.
+
+        Returns (B, T + n). Stops early when every row has produced ``eos_id``.
+        """
+        ctx = self.cfg.model.seq_len
+        if idx.dim() == 1:
+            idx = idx[None]
+        if idx.shape[1] == 0:
+            raise TreeffnError("the prompt is empty; give at least one token")
+        if idx.shape[1] > ctx:
+            raise TreeffnError(f"prompt of {idx.shape[1]} tokens is longer than the model's context of {ctx}")
+        if max_new_tokens < 0:
+            raise TreeffnError(f"max_new_tokens must be ≥ 0 (got {max_new_tokens})")
+        if idx.shape[1] + max_new_tokens > ctx:
+            raise TreeffnError(f"prompt ({idx.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+                               f"model's context of {ctx}")
+        was_training = self.training
+        self.eval()
+        try:
+            cache = KVCache(len(self.blocks))
+            logits = self(idx, cache=cache).logits[:, -1]
+            out = [idx]
+            done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+            for step in range(max_new_tokens):
+                nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+                out.append(nxt[:, None])
+                if eos_id is not None:
+                    done |= nxt == eos_id
+                    if bool(done.all()):
+                        break
+                if step + 1 < max_new_tokens:
+                    logits = self(nxt[:, None], cache=cache).logits[:, -1]
+            return torch.cat(out, 1)
+        finally:
+            self.train(was_training)
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) -> next token ids (B,). Greedy at temperature 0; otherwise top-k, then nucleus top-p."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_logits, -1) > top_p  # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, -1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def is_routed_layer(cfg: Config, i: int) -> bool:
+    e = cfg.mod.every
+    return e > 0 and i % e == e - 1
+
+
+def build_model(preset: str | Config = "tiny", overrides: dict | None = None, device=None) -> GPT:
+    """Build a model from a preset name (or a Config) plus dotted overrides, e.g. ``{"ffn.kind": "tree"}``."""
+    from .config import get_config
+
+    cfg = preset.copy().apply(overrides) if isinstance(preset, Config) else get_config(preset, overrides)
+    if device is not None:
+        with torch.device(device):
+            return GPT(cfg)
+    return GPT(cfg)

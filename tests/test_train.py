@@ -1,0 +1,81 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from treeffn import checkpoint as ckpt
+from treeffn.config import get_config
+from treeffn.train import train
+
+BASE = {"train.max_steps": 12, "train.eval_every": 6, "train.log_every": 3, "train.eval_batches": 2,
+        "train.batch_size": 4, "train.warmup_steps": 2, "train.stats_every": 3}
+
+
+def _cfg(**extra):
+    return get_config("debug", {**BASE, **extra})
+
+
+def _losses(run):
+    return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+@pytest.mark.parametrize("kind", ["dense", "tree"])
+def test_training_smoke_leaves_files_and_logs(tmp_path, sample_data, kind):
+    run = tmp_path / "run"
+    s = train(_cfg(**{"ffn.kind": kind}), run, sample_data, progress=False, tensorboard=False)
+    folder = ckpt.resolve(run)
+    for f in ("config.json", "model.safetensors", "optimizer.safetensors", "trainer.json", "tokenizer.json"):
+        assert (folder / f).is_file(), f"checkpoint lacks {f}"
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_loss" in r for r in recs)
+    losses = _losses(run)
+    assert len(losses) == 4 and losses[-1] < losses[0], f"loss did not go down: {losses}"
+    if kind == "tree":
+        assert any(k.startswith("tree/leaf_util") for r in recs for k in r), "tree statistics were not logged"
+    assert s["val_loss"] < 7.0
+    assert not list(run.glob(".tmp-*")), "temporary files left behind"
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path, sample_data):
+    cfg = _cfg(**{"ffn.kind": "tree", "model.dropout": 0.1})
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(cfg, full, sample_data, progress=False, tensorboard=False)
+    train(cfg, part, sample_data, progress=False, tensorboard=False, stop_at=6)
+    assert ckpt.resolve(part).name == "step-0000006"
+    train(cfg, part, sample_data, progress=False, tensorboard=False, resume=True)
+    assert _losses(full) == _losses(part), "resumed loss curve differs from the uninterrupted one"
+    a, b = ckpt.load_model(full), ckpt.load_model(part)
+    for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), f"parameter {n} differs after resume"
+
+
+def test_refuses_to_overwrite_a_run(tmp_path, sample_data):
+    from treeffn.errors import TreeffnError
+
+    cfg = _cfg(**{"train.max_steps": 2})
+    train(cfg, tmp_path / "r", sample_data, progress=False, tensorboard=False)
+    with pytest.raises(TreeffnError, match="--resume"):
+        train(cfg, tmp_path / "r", sample_data, progress=False, tensorboard=False)
+
+
+def test_ddp_two_processes_equal_one(tmp_path, sample_data):
+    """torchrun --nproc_per_node 2 (gloo on CPU) gives the single-process result on the same global batch."""
+    over = ["--set", "train.max_steps=4", "--set", "train.batch_size=4", "--set", "train.eval_every=4",
+            "--set", "train.eval_batches=1", "--set", "ffn.kind=tree", "--set", "train.warmup_steps=1"]
+    cmd = ["-m", "treeffn.cli", "train", "--preset", "debug", "--data", str(sample_data), "--quiet",
+           "--no-tensorboard", "--device", "cpu"] + over
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable] + cmd + ["--out", str(tmp_path / "one")], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29533"] + cmd + ["--out", str(tmp_path / "two")], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = ckpt.load_model(tmp_path / "one"), ckpt.load_model(tmp_path / "two")
+    for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-4, msg=f"DDP result differs from 1 process in {n}")
+    assert _losses(tmp_path / "one") == pytest.approx(_losses(tmp_path / "two"), rel=1e-4)
