@@ -170,10 +170,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     load_state_into(model, load_tensors(folder / "model.safetensors"), str(folder / "model.safetensors"))
     if cfg.model.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
-    for mod in model.modules():  # non-persistent buffers (rotary frequencies) were left empty by to_empty
-        if hasattr(mod, "inv_freq"):
-            C = mod.inv_freq.numel() * 2
-            mod.inv_freq = 1.0 / (cfg.model.rope_base ** (torch.arange(0, C, 2, dtype=torch.float32, device=device) / C))
+    for mod in model.modules():  # non-persistent buffers (rotary tables) were left empty by to_empty
+        if hasattr(mod, "reset_buffers"):
+            mod.reset_buffers()
     if dtype is not None:
         model = model.to(dtype)
     model.checkpoint_dir = folder

@@ -40,8 +40,10 @@ class LayerCache:
 
     def __init__(self):
         self.k = self.v = self.pos = self.valid = None
+        self.all_valid = True  # no padding entries: decoding may skip building a mask
 
     def append(self, k, v, pos, valid):
+        self.all_valid = self.all_valid and bool(valid.all())
         if self.k is None:
             self.k, self.v, self.pos, self.valid = k, v, pos, valid
         else:
@@ -73,15 +75,27 @@ def make_norm(cfg: Config) -> nn.Module:
 
 
 class Rotary(nn.Module):
-    def __init__(self, head_dim: int, base: float):
+    """Rotary embeddings with a precomputed cos/sin table for positions < seq_len (looked up, not recomputed)."""
+
+    def __init__(self, head_dim: int, base: float, max_pos: int):
         super().__init__()
-        inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv, persistent=False)
+        self.head_dim, self.base, self.max_pos = head_dim, base, max_pos
+        self.register_buffer("inv_freq", torch.empty(head_dim // 2), persistent=False)
+        self.register_buffer("table", torch.empty(max_pos, head_dim), persistent=False)  # [cos | sin]
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        dev = self.inv_freq.device
+        C = self.head_dim
+        inv = 1.0 / (self.base ** (torch.arange(0, C, 2, dtype=torch.float32, device=dev) / C))
+        ang = torch.arange(self.max_pos, dtype=torch.float32, device=dev)[:, None] * inv  # (P, C/2)
+        self.inv_freq = inv
+        self.table = torch.cat([ang.cos(), ang.sin()], -1)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """x (B, H, T, C), pos (B, T) -> x rotated by its absolute positions."""
-        ang = pos.to(torch.float32)[:, None, :, None] * self.inv_freq  # (B, 1, T, C/2)
-        cos, sin = ang.cos(), ang.sin()
+        cs = self.table[pos][:, None]  # (B, 1, T, C)
+        cos, sin = cs.chunk(2, dim=-1)
         x1, x2 = x.float().chunk(2, dim=-1)
         out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
         return out.to(x.dtype)
@@ -96,7 +110,7 @@ class Attention(nn.Module):
         self.k = nn.Linear(m.d_model, self.n_kv * m.head_dim, bias=m.bias)
         self.v = nn.Linear(m.d_model, self.n_kv * m.head_dim, bias=m.bias)
         self.o = nn.Linear(m.n_head * m.head_dim, m.d_model, bias=m.bias)
-        self.rotary = Rotary(m.head_dim, m.rope_base)
+        self.rotary = Rotary(m.head_dim, m.rope_base, m.seq_len)
         self.dropout = m.dropout
 
     def forward(self, x, pos, cache: LayerCache | None = None, valid: torch.Tensor | None = None,
@@ -111,12 +125,17 @@ class Attention(nn.Module):
         k = self.k(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, G, T, C)
         v = self.v(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = self.rotary(q, pos), self.rotary(k, pos)
+        padded = valid is not None and not bool(valid.all())
         if valid is None:
             valid = torch.ones(B, T, dtype=torch.bool, device=x.device)
         drop = self.dropout if self.training else 0.0
         gqa = self.n_kv != self.n_head
         if cache is None and standard:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=drop, enable_gqa=gqa)
+        elif cache is not None and T == 1 and cache.all_valid and not padded:
+            # one new token after a padding-free cache: it may see every cached key, no mask needed
+            k, v, _, _ = cache.append(k, v, pos, valid)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, enable_gqa=gqa)
         else:
             kpos, kvalid = pos, valid
             if cache is not None:
