@@ -79,3 +79,14 @@ def test_ddp_two_processes_equal_one(tmp_path, sample_data):
     for (n, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-4, msg=f"DDP result differs from 1 process in {n}")
     assert _losses(tmp_path / "one") == pytest.approx(_losses(tmp_path / "two"), rel=1e-4)
+
+
+def test_bf16_autocast_accumulation_and_tensorboard(tmp_path, sample_data):
+    pytest.importorskip("tensorboard")
+    cfg = _cfg(**{"ffn.kind": "moe", "train.dtype": "bf16", "train.grad_accum": 2, "train.max_steps": 4,
+                  "train.eval_every": 4, "train.log_every": 2})
+    s = train(cfg, tmp_path / "r", sample_data, progress=False, tensorboard=True)
+    assert s["steps"] == 4 and s["val_loss"] == s["val_loss"], "bf16 run produced NaN"
+    assert list((tmp_path / "r" / "tb").glob("events.out.tfevents.*")), "no TensorBoard event file written"
+    recs = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["aux_loss"] > 0 for r in recs if "aux_loss" in r), "MoE balancing loss missing from the log"

@@ -49,7 +49,7 @@ class MoE(nn.Module):
         top_p, top_e = probs.topk(self.top_k, dim=-1)  # (M, k)
         if self.top_k > 1:
             top_p = top_p / top_p.sum(-1, keepdim=True)
-        y = torch.zeros_like(x2)
+        y = None  # created from the first expert output so its dtype follows autocast
         flat_e = top_e.reshape(-1)  # (M·k,)
         order = torch.argsort(flat_e, stable=True)
         counts = torch.bincount(flat_e, minlength=self.n_experts)
@@ -61,6 +61,8 @@ class MoE(nn.Module):
                 continue
             tok = token_of_slot[start:start + n]
             out, _ = self.experts[e](x2.index_select(0, tok))
+            if y is None:
+                y = out.new_zeros(x2.shape[0], out.shape[1])
             y.index_add_(0, tok, out * weight_of_slot[start:start + n, None].to(out.dtype))
             start += n
         aux = {}
@@ -70,4 +72,6 @@ class MoE(nn.Module):
             aux["loss"] = self.aux_weight * self.n_experts * (f * P).sum()
         if self.track_stats:
             aux["moe_load"] = counts.detach()
+        if y is None:  # no tokens at all
+            y = torch.zeros_like(x2)
         return y.reshape(shape), aux
