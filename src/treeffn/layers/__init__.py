@@ -55,6 +55,7 @@ def build_ffn(cfg) -> nn.Module:
 
 
 from . import mode as _mode  # noqa: E402,F401  registers "mode" (integrated MoDE); needs register_ffn above
+from . import pruned_tree as _pruned_tree  # noqa: E402,F401  registers "tree_pruned" (treeffn prune)
 
 
 __all__ = ["FFN_REGISTRY", "register_ffn", "build_ffn", "DenseMLP", "SwiGLU", "MoE", "TreeFFN"]
