@@ -34,7 +34,8 @@ class MoDE(nn.Module):
         make = (lambda: SwiGLU(d_model, hidden)) if expert == "swiglu" else (
             lambda: DenseMLP(d_model, hidden, activation, bias))
         self.experts = nn.ModuleList(make() for _ in range(experts))  # only the real ones hold parameters
-        self.d_model, self.hidden, self.n_experts, self.n_noop, self.top_k = d_model, hidden, experts, noop_experts, top_k
+        self.d_model, self.hidden, self.top_k = d_model, hidden, top_k
+        self.n_experts, self.n_noop = experts, noop_experts
         self.aux_weight = aux_weight
         self.track_stats = False
 
@@ -65,7 +66,7 @@ class MoDE(nn.Module):
         top_p, top_e = probs.topk(self.top_k, dim=-1)  # (M, k)
         if self.top_k > 1:
             top_p = top_p / top_p.sum(-1, keepdim=True)
-        y = torch.zeros_like(x2)
+        y = None  # created from the first expert output so its dtype follows autocast (as MoE)
         flat_e = top_e.reshape(-1)  # (M·k,)
         order = torch.argsort(flat_e, stable=True)
         counts = torch.bincount(flat_e, minlength=self.n_choices)
@@ -77,6 +78,8 @@ class MoDE(nn.Module):
             if n:
                 tok = token_of_slot[start:start + n]
                 out, _ = self.experts[e](x2.index_select(0, tok))
+                if y is None:
+                    y = out.new_zeros(x2.shape[0], out.shape[1])
                 y.index_add_(0, tok, out * weight_of_slot[start:start + n, None].to(out.dtype))
             start += n
         aux: dict = {}
@@ -86,6 +89,8 @@ class MoDE(nn.Module):
         if self.track_stats:
             aux["moe_load"] = counts.detach()
             aux["mode_noop_frac"] = (counts[self.n_experts:].sum().float() / max(1, flat_e.numel())).detach()
+        if y is None:  # every slot chose a no-op (or no tokens): the whole batch skips the MLP
+            y = torch.zeros_like(x2)
         return y.reshape(shape), aux
 
 
