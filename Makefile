@@ -3,7 +3,7 @@
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
-EXTRAS  ?= test,plot,data,tensorboard,eval,hf
+EXTRAS  ?= test,plot,data,tensorboard,eval,hf,gguf
 STAMP   := $(VENV)/.installed-$(shell echo "$(EXTRAS)" | tr ',' '-')
 
 .PHONY: demo test test-slow bench install clean

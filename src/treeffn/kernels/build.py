@@ -52,12 +52,12 @@ def load_extension(name: str, verbose: bool = False):
             from torch.utils import cpp_extension
 
             src = _CSRC / f"{name}.cpp"
-            digest = hashlib.sha1(src.read_bytes()).hexdigest()[:12]
-            build_dir = cache_root() / "kernels" / f"{name}-{digest}"
-            build_dir.mkdir(parents=True, exist_ok=True)
-            flags = ["-O3", "-fopenmp", "-std=c++17"]
+            flags = ["-O3", "-fopenmp"]
             if os.environ.get("TREEFFN_PORTABLE_EXT", "") in ("", "0"):
                 flags.append("-march=native")
+            digest = hashlib.sha1(src.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
+            build_dir = cache_root() / "kernels" / f"{name}-{digest}"
+            build_dir.mkdir(parents=True, exist_ok=True)
             module = cpp_extension.load(
                 name=f"treeffn_{name}_{digest}",
                 sources=[str(src)],

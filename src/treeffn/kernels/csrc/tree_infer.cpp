@@ -1,0 +1,595 @@
+// Fused inference kernel for tree feed-forward layers (see treeffn/layers/tree.py for the maths).
+//
+// Shapes: M tokens, D model width, K trees, L = depth + 1 levels, N = 2^L - 1 nodes per tree, W units per node.
+//   x      (M, D)          fp32 or bf16
+//   w_in   (K, N, W, D)    fp32 or bf16 (w_in, b_in and w_out share one dtype)
+//   b_in   (K, N, W)       optional
+//   w_out  (K, N, W, D)
+//   y      (M, D)          x's dtype;  paths (M, K, L) int64 (only from infer_paths)
+//
+// One call walks every tree of every token through all levels. Per visited node it reads the node's W*D input
+// weights (one contiguous block thanks to the (K, N, W, D) layout), takes W dot products with the token, routes on
+// the sign of their sum, and adds the node's contribution to the output. That is K*L*W*D multiply-adds twice per
+// token instead of K*N*W*D for the dense layer: the whole point of the layer, which per-op framework overhead
+// would otherwise eat at small batch (tree-ffn.md, "Measured here").
+//
+// Two walks: one token at a time (walk: batch 1, x and the output row stay in L1, the children's rows are
+// prefetched while the current dot product runs), and a block of tokens level by level (walk_block: tokens at the
+// same node are processed together so the node's weights are read once per block, four tokens per weight load).
+//
+// Accumulation is always fp32 (bf16 is widened on load). Parallelism: OpenMP over tokens when there are enough
+// of them, over trees (with per-thread partial outputs reduced at the end) when the batch is small, and none at
+// all when the work is too small to pay for waking threads (batch 1 with one tree). Thread count: torch's
+// (at::get_num_threads), so torch.set_num_threads applies; the GIL is released for calls big enough to matter.
+
+// Narrow headers instead of <torch/extension.h>: the same binding (at::Tensor <-> torch.Tensor casters) in less
+// than half the first-use compile time.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define TREEFFN_AVX2 1
+#endif
+
+namespace {
+
+enum Act : int { GELU = 0, RELU = 1, TANH = 2, SILU = 3, IDENTITY = 4 };
+enum Placement : int { NODE = 0, OUTPUT = 1 };
+
+// Below this many multiply-adds per call (M*K*L*W*D) we stay on the calling thread: waking the OpenMP team costs
+// microseconds, which is the whole budget of a batch-1 call.
+constexpr int64_t kParallelWork = 1 << 15;
+
+using bf16_t = uint16_t;  // raw bfloat16 bits; the top half of an IEEE float
+
+inline float bf2f(bf16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline float load(const float* p, int64_t i) { return p[i]; }
+inline float load(const bf16_t* p, int64_t i) { return bf2f(p[i]); }
+
+// ---- scalar activations (node placement: one call per visited unit, so exactness beats speed) ----------------
+inline float act_scalar(int act, float z) {
+  switch (act) {
+    case GELU: return 0.5f * z * (1.0f + std::erf(z * 0.70710678118654752f));
+    case RELU: return z > 0.0f ? z : 0.0f;
+    case TANH: return std::tanh(z);
+    case SILU: return z / (1.0f + std::exp(-z));
+    default: return z;
+  }
+}
+
+// ---- vector activations (output placement: D values per tree and token) ------------------------------------
+// libm's erf/exp are scalar calls that would cost several times the tree walk itself for the "output" placement
+// (D of them per tree and token), and GCC does not vectorise them (nor, without -fno-trapping-math, a hand-written
+// exp with a clamp), hence AVX2 intrinsics for whole vectors of 8 and libm for the tail. Accuracy ~1e-7 absolute.
+#ifdef TREEFFN_AVX2
+// e^x: x = n*ln2 + r with |r| <= ln2/2, e^r by its degree-7 Taylor polynomial (relative error < 1e-8 there), 2^n
+// built in the exponent bits. n comes from the 1.5*2^23 rounding trick, so no float->int conversion is needed.
+inline __m256 exp8(__m256 x) {
+  const __m256 magic = _mm256_set1_ps(12582912.0f);
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), magic);
+  const __m256 n = _mm256_sub_ps(t, magic);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);  // ln2 split hi/lo: n*hi exact
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_sub_epi32(_mm256_castps_si256(t), _mm256_castps_si256(magic)), _mm256_set1_epi32(127)),
+      23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// erf by Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7), odd-extended.
+inline __m256 erf8(__m256 x) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 a = _mm256_andnot_ps(sign, x);
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 t = _mm256_div_ps(one, _mm256_fmadd_ps(a, _mm256_set1_ps(0.3275911f), one));
+  __m256 p = _mm256_set1_ps(1.061405429f);
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-1.453152027f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.421413741f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.284496736f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.254829592f));
+  const __m256 q = _mm256_mul_ps(_mm256_mul_ps(p, t), exp8(_mm256_mul_ps(_mm256_xor_ps(a, sign), a)));
+  return _mm256_or_ps(_mm256_sub_ps(one, q), _mm256_and_ps(sign, x));
+}
+
+inline __m256 act8(int act, __m256 z) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  switch (act) {
+    case GELU:
+      return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), z),
+                           _mm256_add_ps(one, erf8(_mm256_mul_ps(z, _mm256_set1_ps(0.70710678118654752f)))));
+    case RELU: return _mm256_max_ps(z, _mm256_setzero_ps());
+    case TANH:  // 1 - 2 / (e^{2z} + 1): exact limits at +-inf
+      return _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(exp8(_mm256_add_ps(z, z)), one)));
+    case SILU: return _mm256_div_ps(z, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), z))));
+    default: return z;
+  }
+}
+#endif
+
+// acc[d] += phi(z[d]) for d < D.
+inline void add_act(int act, const float* __restrict z, float* __restrict acc, int64_t D) {
+  int64_t d = 0;
+#ifdef TREEFFN_AVX2
+  for (; d + 8 <= D; d += 8)
+    _mm256_storeu_ps(acc + d, _mm256_add_ps(_mm256_loadu_ps(acc + d), act8(act, _mm256_loadu_ps(z + d))));
+#endif
+  for (; d < D; ++d) acc[d] += act_scalar(act, z[d]);
+}
+
+// ---- dot products and axpy over D ---------------------------------------------------------------------------
+// The dot product is the critical path of the walk (the next node's address depends on its sign), so it uses
+// independent accumulators to hide FMA latency. GCC does not reorder a float reduction without -ffast-math,
+// hence intrinsics where available and an `omp simd` reduction otherwise.
+#ifdef TREEFFN_AVX2
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const bf16_t* p) {  // 8 bf16 -> 8 fp32: widen to 32 bits, shift into the top half
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline float hsum(__m256 a) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_add_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+}
+#endif
+
+template <typename TW>
+inline float dot(const TW* __restrict w, const float* __restrict x, int64_t D) {
+  int64_t d = 0;
+  float s = 0.0f;
+#ifdef TREEFFN_AVX2
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  for (; d + 32 <= D; d += 32) {
+    a0 = _mm256_fmadd_ps(load8(w + d), _mm256_loadu_ps(x + d), a0);
+    a1 = _mm256_fmadd_ps(load8(w + d + 8), _mm256_loadu_ps(x + d + 8), a1);
+    a2 = _mm256_fmadd_ps(load8(w + d + 16), _mm256_loadu_ps(x + d + 16), a2);
+    a3 = _mm256_fmadd_ps(load8(w + d + 24), _mm256_loadu_ps(x + d + 24), a3);
+  }
+  for (; d + 8 <= D; d += 8) a0 = _mm256_fmadd_ps(load8(w + d), _mm256_loadu_ps(x + d), a0);
+  s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+#endif
+  float r = 0.0f;
+#pragma omp simd reduction(+ : r)
+  for (int64_t i = d; i < D; ++i) r += load(w, i) * x[i];
+  return s + r;
+}
+
+// Four tokens against one weight row (tokens at the same node): each weight vector is loaded once for four FMAs,
+// so the loop is bound by FMA throughput rather than by loads. x rows are xs[0..3].
+template <typename TW>
+inline void dot4(const TW* __restrict w, const float* const* xs, int64_t D, float* out) {
+  const float* __restrict x0 = xs[0];
+  const float* __restrict x1 = xs[1];
+  const float* __restrict x2 = xs[2];
+  const float* __restrict x3 = xs[3];
+  int64_t d = 0;
+  float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+#ifdef TREEFFN_AVX2
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps(), c2 = _mm256_setzero_ps(), c3 = _mm256_setzero_ps();
+  for (; d + 16 <= D; d += 16) {
+    const __m256 w0 = load8(w + d), w1 = load8(w + d + 8);
+    a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x0 + d), a0);
+    a1 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x1 + d), a1);
+    a2 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x2 + d), a2);
+    a3 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x3 + d), a3);
+    c0 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x0 + d + 8), c0);
+    c1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x1 + d + 8), c1);
+    c2 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x2 + d + 8), c2);
+    c3 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x3 + d + 8), c3);
+  }
+  for (; d + 8 <= D; d += 8) {
+    const __m256 w0 = load8(w + d);
+    a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x0 + d), a0);
+    a1 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x1 + d), a1);
+    a2 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x2 + d), a2);
+    a3 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x3 + d), a3);
+  }
+  s0 = hsum(_mm256_add_ps(a0, c0));
+  s1 = hsum(_mm256_add_ps(a1, c1));
+  s2 = hsum(_mm256_add_ps(a2, c2));
+  s3 = hsum(_mm256_add_ps(a3, c3));
+#endif
+  for (; d < D; ++d) {
+    const float wd = load(w, d);
+    s0 += wd * x0[d];
+    s1 += wd * x1[d];
+    s2 += wd * x2[d];
+    s3 += wd * x3[d];
+  }
+  out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
+}
+
+// acc[d] += a * v[d]: no reduction, so plain loops vectorise.
+template <typename TW>
+inline void axpy(float a, const TW* __restrict v, float* __restrict acc, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) acc[d] += a * load(v, d);
+}
+
+// Pull the next level's candidate rows towards the core while the current dot product runs: children 2j+1 and
+// 2j+2 are adjacent, so both candidates are one contiguous block of 2*W*D weights. Touching the first lines of
+// each row is enough for the hardware stream prefetcher to carry on (prefetching whole rows measured no better).
+template <typename TW>
+inline void prefetch_children(const TW* rows, int64_t row_elems, int64_t nrows) {
+  constexpr int64_t kLine = 64 / sizeof(TW);
+  const int64_t lines = std::min<int64_t>((row_elems + kLine - 1) / kLine, 4);
+  for (int64_t r = 0; r < nrows; ++r)
+    for (int64_t l = 0; l < lines; ++l) __builtin_prefetch(rows + r * row_elems + l * kLine, 0, 3);
+}
+
+struct Problem {
+  int64_t M, D, K, N, L, W;
+  int act, placement;
+};
+
+// One token through tree k (the batch-1 path): add its output to acc (D floats); z is D floats of scratch for the
+// output placement; path (L entries) may be null.
+template <typename TW>
+inline void walk(const Problem& p, const float* __restrict x, const TW* __restrict u_k, const TW* __restrict b_k,
+                 const TW* __restrict v_k, float* __restrict acc, float* __restrict z, int64_t* path) {
+  const int64_t D = p.D, W = p.W, WD = W * D;
+  const bool node_place = p.placement == NODE;
+  float* target = node_place ? acc : z;
+  if (!node_place) std::fill(z, z + D, 0.0f);
+  int64_t j = 0;
+  for (int64_t t = 0; t < p.L; ++t) {
+    if (path) path[t] = j;
+    const TW* u = u_k + j * WD;
+    const TW* v = v_k + j * WD;
+    if (t + 1 < p.L) prefetch_children(u_k + (2 * j + 1) * WD, D, 2 * W);
+    float s = 0.0f;
+    for (int64_t w = 0; w < W; ++w) {
+      float lam = dot(u + w * D, x, D);
+      if (b_k) lam += load(b_k, j * W + w);
+      s += lam;
+      axpy(node_place ? act_scalar(p.act, lam) : lam, v + w * D, target, D);
+    }
+    j = 2 * j + 1 + (s > 0.0f ? 1 : 0);
+  }
+  if (!node_place) add_act(p.act, z, acc, D);
+}
+
+// Scratch for walking a block of B tokens through one tree (sized once per thread, see scratch()).
+struct BlockScratch {
+  int32_t* order;   // (B) tokens sorted by current node (stable), so tokens at one node form a contiguous run
+  int32_t* order2;  // (B) next level's order
+  int64_t* node;    // (B) current node of each token
+  float* lam;       // (B, W) responses at the current node
+  float* z;         // (B, D) per-tree accumulation for the output placement
+  static size_t floats(int64_t B, int64_t W, int64_t D) { return B * (W + D) + 4 * B + 16; }
+  BlockScratch(float* base, int64_t B, int64_t W) {
+    node = reinterpret_cast<int64_t*>(base);
+    order = reinterpret_cast<int32_t*>(node + B);
+    order2 = order + B;
+    lam = reinterpret_cast<float*>(order2 + B);
+    z = lam + B * W;
+  }
+};
+
+// B tokens (rows xs + b*D) through tree k, level by level. Tokens at the same node are processed together, so a
+// node's weights are read from memory once per block instead of once per token: at large batch the top levels
+// (and, for shallow trees, every level) are shared by many tokens, and reading each token's own path from L3 is
+// what limits a token-at-a-time walk. Children of nodes in increasing order are again in increasing order, so a
+// stable partition of each run into left-goers then right-goers keeps the order sorted by node without sorting.
+// acc rows: acc + b*D. paths (if not null): token b's entries at paths + b*path_stride.
+template <typename TW>
+void walk_block(const Problem& p, int64_t B, const float* __restrict xs, const TW* __restrict u_k,
+                const TW* __restrict b_k, const TW* __restrict v_k, float* __restrict acc, BlockScratch& sc,
+                int64_t* paths, int64_t path_stride) {
+  const int64_t D = p.D, W = p.W, WD = W * D, L = p.L;
+  const bool node_place = p.placement == NODE;
+  float* target = node_place ? acc : sc.z;
+  if (!node_place) std::fill(sc.z, sc.z + B * D, 0.0f);
+  for (int64_t b = 0; b < B; ++b) sc.order[b] = static_cast<int32_t>(b), sc.node[b] = 0;
+  int32_t* order = sc.order;
+  int32_t* next = sc.order2;
+  for (int64_t t = 0; t < L; ++t) {
+    const bool last = t + 1 == L;
+    for (int64_t i = 0; i < B;) {
+      const int64_t j = sc.node[order[i]];
+      int64_t e = i + 1;
+      while (e < B && sc.node[order[e]] == j) ++e;
+      const TW* u = u_k + j * WD;
+      const TW* v = v_k + j * WD;
+      if (!last) prefetch_children(u_k + (2 * j + 1) * WD, D, 2 * W);
+      // responses of the run's tokens, four at a time where possible
+      for (int64_t w = 0; w < W; ++w) {
+        const float bias = b_k ? load(b_k, j * W + w) : 0.0f;
+        int64_t r = i;
+        for (; r + 4 <= e; r += 4) {
+          const float* x4[4] = {xs + order[r] * D, xs + order[r + 1] * D, xs + order[r + 2] * D,
+                                xs + order[r + 3] * D};
+          float o[4];
+          dot4(u + w * D, x4, D, o);
+          for (int q = 0; q < 4; ++q) sc.lam[order[r + q] * W + w] = o[q] + bias;
+        }
+        for (; r < e; ++r) sc.lam[order[r] * W + w] = dot(u + w * D, xs + order[r] * D, D) + bias;
+      }
+      // contributions, then routing
+      for (int64_t r = i; r < e; ++r) {
+        const int64_t b = order[r];
+        float s = 0.0f;
+        for (int64_t w = 0; w < W; ++w) {
+          const float lam = sc.lam[b * W + w];
+          s += lam;
+          axpy(node_place ? act_scalar(p.act, lam) : lam, v + w * D, target + b * D, D);
+        }
+        if (paths) paths[b * path_stride + t] = j;
+        sc.node[b] = 2 * j + 1 + (s > 0.0f ? 1 : 0);
+      }
+      if (!last) {  // stable partition of the run: left child (smaller index) first
+        int64_t o = i;
+        for (int64_t r = i; r < e; ++r)
+          if (sc.node[order[r]] == 2 * j + 1) next[o++] = order[r];
+        for (int64_t r = i; r < e; ++r)
+          if (sc.node[order[r]] != 2 * j + 1) next[o++] = order[r];
+      }
+      i = e;
+    }
+    std::swap(order, next);
+  }
+  if (!node_place)
+    for (int64_t b = 0; b < B; ++b) add_act(p.act, sc.z + b * D, acc + b * D, D);
+}
+
+// Per-thread scratch, reused across calls so the hot path does not allocate (thread_local: safe when several
+// Python threads call in with the GIL released, and each OpenMP worker gets its own).
+inline float* scratch(size_t n) {
+  static thread_local std::vector<float> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+
+// Tokens per block. Larger blocks share more nodes (at level t a block of B tokens touches at most min(B, 2^t)
+// distinct nodes per tree), at the price of x/acc rows spilling from L2: measured (2 cores, D=768) 16x7 at
+// M=256 ran 1.7x faster per token with B=256 than with B=32, and 1x11 (little sharing) did not care.
+// _set_block() overrides it for tuning experiments.
+int64_t g_block = 256;
+inline int64_t block_size() { return g_block; }
+
+inline void to_float(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+inline void to_float(const bf16_t* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = bf2f(src[i]);
+}
+inline void store(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+inline void store(const float* src, bf16_t* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = c10::BFloat16(src[i]).x;  // round to nearest even
+}
+
+// Trees [k0, k1) for tokens [m0, m1) on the calling thread, accumulating into acc (rows of D floats, row 0 is
+// token m0). fp32 tokens are read in place; bf16 tokens are widened once per block.
+template <typename TX, typename TW>
+void run_range(const Problem& p, const TX* x, const TW* u, const TW* b, const TW* v, float* acc, int64_t* paths,
+               int64_t m0, int64_t m1, int64_t k0, int64_t k1) {
+  const int64_t D = p.D, K = p.K, L = p.L, NWD = p.N * p.W * D, NW = p.N * p.W;
+  const int64_t B = std::min(block_size(), m1 - m0);
+  const bool fx = std::is_same<TX, float>::value;
+  const size_t nsc = BlockScratch::floats(B, p.W, D);
+  float* buf = scratch(nsc + (fx ? 0 : B * D));
+  BlockScratch sc(buf, B, p.W);
+  float* xbuf = buf + nsc;
+  for (int64_t mb = m0; mb < m1; mb += B) {
+    const int64_t nb = std::min(B, m1 - mb);
+    const float* xf;
+    if (fx) {
+      xf = reinterpret_cast<const float*>(x) + mb * D;
+    } else {
+      to_float(x + mb * D, xbuf, nb * D);
+      xf = xbuf;
+    }
+    float* a = acc + (mb - m0) * D;
+    for (int64_t k = k0; k < k1; ++k) {
+      const TW* bk = b ? b + k * NW : nullptr;
+      int64_t* pk = paths ? paths + mb * K * L + k * L : nullptr;
+      if (nb == 1)
+        walk(p, xf, u + k * NWD, bk, v + k * NWD, a, sc.z, pk);
+      else
+        walk_block(p, nb, xf, u + k * NWD, bk, v + k * NWD, a, sc, pk, K * L);
+    }
+  }
+}
+
+// Tokens [m0, m1), all trees, written to y. fp32 output accumulates in place; bf16 output through an fp32 buffer.
+template <typename TX, typename TW>
+void run_tokens(const Problem& p, const TX* x, const TW* u, const TW* b, const TW* v, TX* y, int64_t* paths,
+                int64_t m0, int64_t m1) {
+  const int64_t D = p.D;
+  if (m1 <= m0) return;
+  if (std::is_same<TX, float>::value) {
+    float* acc = reinterpret_cast<float*>(y) + m0 * D;
+    std::fill(acc, acc + (m1 - m0) * D, 0.0f);
+    run_range(p, x, u, b, v, acc, paths, m0, m1, 0, p.K);
+    return;
+  }
+  // bf16 output: an fp32 accumulator per chunk of tokens (its own thread_local, distinct from scratch()).
+  static thread_local std::vector<float> accbuf;
+  const int64_t chunk = 256;
+  if (static_cast<int64_t>(accbuf.size()) < chunk * D) accbuf.resize(chunk * D);
+  for (int64_t c = m0; c < m1; c += chunk) {
+    const int64_t n = std::min(chunk, m1 - c);
+    std::fill(accbuf.data(), accbuf.data() + n * D, 0.0f);
+    run_range(p, x, u, b, v, accbuf.data(), paths, c, c + n, 0, p.K);
+    store(accbuf.data(), y + c * D, n * D);
+  }
+}
+
+// Few tokens, many trees: split the trees over threads, each thread sums into its own (M, D) partial, then the
+// partials are added in a fixed order (deterministic for a given thread count).
+template <typename TX, typename TW>
+void run_trees(const Problem& p, const TX* x, const TW* u, const TW* b, const TW* v, TX* y, int64_t* paths,
+               int nthreads) {
+  const int64_t M = p.M, D = p.D, K = p.K;
+  constexpr int kMaxThreads = 256;
+  nthreads = static_cast<int>(std::min<int64_t>(std::min<int64_t>(nthreads, K), kMaxThreads));
+  float* parts[kMaxThreads];
+#pragma omp parallel num_threads(nthreads)
+  {
+#ifdef _OPENMP
+    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+    const int tid = 0, nt = 1;
+#endif
+    static thread_local std::vector<float> partbuf;  // distinct from scratch(), which run_range uses
+    if (static_cast<int64_t>(partbuf.size()) < M * D + D) partbuf.resize(M * D + D);
+    float* part = partbuf.data();
+    parts[tid] = part;
+    std::fill(part, part + M * D, 0.0f);
+    run_range(p, x, u, b, v, part, paths, 0, M, K * tid / nt, K * (tid + 1) / nt);
+#pragma omp barrier
+    // Each thread reduces one slice of the (M, D) output over all partials.
+    const int64_t n = M * D, i0 = n * tid / nt, i1 = n * (tid + 1) / nt;
+    float* red = part + M * D;  // D floats: one chunk at a time
+    for (int64_t c = i0; c < i1; c += D) {
+      const int64_t len = std::min(D, i1 - c);
+      std::copy(parts[0] + c, parts[0] + c + len, red);
+      for (int t2 = 1; t2 < nt; ++t2)
+        for (int64_t i = 0; i < len; ++i) red[i] += parts[t2][c + i];
+      store(red, y + c, len);
+    }
+  }
+}
+
+template <typename TX, typename TW>
+void run(const Problem& p, const at::Tensor& x, const at::Tensor& w_in, const c10::optional<at::Tensor>& b_in,
+         const at::Tensor& w_out, at::Tensor& y, int64_t* paths) {
+  const TX* xp = reinterpret_cast<const TX*>(x.data_ptr());
+  const TW* up = reinterpret_cast<const TW*>(w_in.data_ptr());
+  const TW* bp = b_in.has_value() ? reinterpret_cast<const TW*>(b_in->data_ptr()) : nullptr;
+  const TW* vp = reinterpret_cast<const TW*>(w_out.data_ptr());
+  TX* yp = reinterpret_cast<TX*>(y.data_ptr());
+  const int64_t work = p.M * p.K * p.L * p.W * p.D;
+  const int nthreads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  if (nthreads <= 1 || work < kParallelWork || (p.M == 1 && p.K == 1)) {
+    run_tokens(p, xp, up, bp, vp, yp, paths, 0, p.M);
+  } else if (p.M >= 2 * nthreads || p.K == 1) {
+    const int nt = static_cast<int>(std::min<int64_t>(nthreads, p.M));
+#pragma omp parallel num_threads(nt)
+    {
+#ifdef _OPENMP
+      const int tid = omp_get_thread_num(), n = omp_get_num_threads();
+#else
+      const int tid = 0, n = 1;
+#endif
+      run_tokens(p, xp, up, bp, vp, yp, paths, p.M * tid / n, p.M * (tid + 1) / n);
+    }
+  } else {
+    run_trees(p, xp, up, bp, vp, yp, paths, nthreads);
+  }
+}
+
+bool is_bf16(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16; }
+
+at::Tensor forward(const at::Tensor& x_, const at::Tensor& w_in_, const c10::optional<at::Tensor>& b_in_,
+                   const at::Tensor& w_out_, int64_t depth, int64_t act, int64_t placement, bool with_paths,
+                   at::Tensor* paths_out) {
+  TORCH_CHECK(x_.dim() == 2 && w_in_.dim() == 4, "tree_infer: x must be (M, D) and w_in (K, N, W, D)");
+  TORCH_CHECK(x_.device().is_cpu() && w_in_.device().is_cpu() && w_out_.device().is_cpu(),
+              "tree_infer C++ kernel: tensors must be on the CPU");
+  const int64_t M = x_.size(0), D = x_.size(1);
+  const int64_t K = w_in_.size(0), N = w_in_.size(1), W = w_in_.size(2);
+  TORCH_CHECK(depth >= 0 && depth < 40 && N == (int64_t(1) << (depth + 1)) - 1,
+              "tree_infer: w_in has ", N, " nodes per tree, depth ", depth, " needs 2^(depth+1)-1");
+  TORCH_CHECK(w_in_.size(3) == D && w_out_.sizes() == w_in_.sizes(), "tree_infer: w_in/w_out must be (K, N, W, D)",
+              " with D = x.size(1)");
+  TORCH_CHECK(act >= 0 && act <= IDENTITY && (placement == NODE || placement == OUTPUT),
+              "tree_infer: bad activation/placement code");
+  const auto wt = w_in_.scalar_type();
+  TORCH_CHECK((wt == at::kFloat || wt == at::kBFloat16) && w_out_.scalar_type() == wt,
+              "tree_infer: w_in and w_out must both be float32 or both bfloat16");
+  TORCH_CHECK(x_.scalar_type() == at::kFloat || x_.scalar_type() == at::kBFloat16,
+              "tree_infer: x must be float32 or bfloat16");
+  // .contiguous() returns the same tensor (no copy) when it already is; the check avoids even the refcount churn.
+  const at::Tensor x = x_.is_contiguous() ? x_ : x_.contiguous();
+  const at::Tensor w_in = w_in_.is_contiguous() ? w_in_ : w_in_.contiguous();
+  const at::Tensor w_out = w_out_.is_contiguous() ? w_out_ : w_out_.contiguous();
+  c10::optional<at::Tensor> b_in;
+  if (b_in_.has_value() && b_in_->defined()) {
+    const at::Tensor& b = *b_in_;
+    TORCH_CHECK(b.dim() == 3 && b.size(0) == K && b.size(1) == N && b.size(2) == W && b.device().is_cpu(),
+                "tree_infer: b_in must be (K, N, W) on the CPU");
+    b_in = (b.scalar_type() == wt ? b : b.to(wt)).contiguous();
+  }
+  at::Tensor y = at::empty({M, D}, x.options());
+  int64_t* pp = nullptr;
+  if (with_paths) {
+    *paths_out = at::empty({M, K, depth + 1}, x.options().dtype(at::kLong));
+    pp = paths_out->data_ptr<int64_t>();
+  }
+  if (M == 0) return y;
+  const Problem p{M, D, K, N, depth + 1, W, static_cast<int>(act), static_cast<int>(placement)};
+  // Release the GIL only for calls long enough for it to matter to other Python threads.
+  const bool release = M * K * (depth + 1) * W * D >= kParallelWork;
+  auto go = [&] {
+    const bool xb = is_bf16(x), wb = wt == at::kBFloat16;
+    if (!xb && !wb) run<float, float>(p, x, w_in, b_in, w_out, y, pp);
+    else if (!xb && wb) run<float, bf16_t>(p, x, w_in, b_in, w_out, y, pp);
+    else if (xb && !wb) run<bf16_t, float>(p, x, w_in, b_in, w_out, y, pp);
+    else run<bf16_t, bf16_t>(p, x, w_in, b_in, w_out, y, pp);
+  };
+  if (release) {
+    pybind11::gil_scoped_release nogil;
+    go();
+  } else {
+    go();
+  }
+  return y;
+}
+
+at::Tensor infer(const at::Tensor& x, const at::Tensor& w_in, const c10::optional<at::Tensor>& b_in,
+                 const at::Tensor& w_out, int64_t depth, int64_t act, int64_t placement) {
+  return forward(x, w_in, b_in, w_out, depth, act, placement, false, nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor> infer_paths(const at::Tensor& x, const at::Tensor& w_in,
+                                               const c10::optional<at::Tensor>& b_in, const at::Tensor& w_out,
+                                               int64_t depth, int64_t act, int64_t placement) {
+  at::Tensor paths;
+  at::Tensor y = forward(x, w_in, b_in, w_out, depth, act, placement, true, &paths);
+  return {y, paths};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("_set_block", [](int64_t b) { g_block = b > 0 ? b : 256; }, "tokens per block (tuning experiments only)");
+  m.doc() = "treeffn fused tree-FFN inference kernel (see treeffn/kernels/tree_infer.py)";
+  m.def("infer", &infer, "y = tree layer(x); act: 0 gelu 1 relu 2 tanh 3 silu 4 identity; placement: 0 node 1 output",
+        pybind11::arg("x"), pybind11::arg("w_in"), pybind11::arg("b_in"), pybind11::arg("w_out"),
+        pybind11::arg("depth"), pybind11::arg("act"), pybind11::arg("placement"));
+  m.def("infer_paths", &infer_paths, "(y, paths (M, K, L) int64); arguments as infer", pybind11::arg("x"),
+        pybind11::arg("w_in"), pybind11::arg("b_in"), pybind11::arg("w_out"), pybind11::arg("depth"),
+        pybind11::arg("act"), pybind11::arg("placement"));
+}

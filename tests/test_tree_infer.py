@@ -1,0 +1,285 @@
+"""The fused inference kernel and the PyTorch path walk against the masked dense reference (treeffn.layers.tree).
+
+Shapes: M tokens, D width, K trees, L = depth + 1 levels, N = 2^L − 1 nodes, W units per node.
+The first test call compiles the C++ extension (~30–45 s, cached afterwards); cpp cases skip when it cannot build.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from treeffn.kernels import tree_infer as ti
+from treeffn.layers.tree import TreeFFN, num_nodes, tree_paths, tree_reference
+
+
+@pytest.fixture(scope="module")
+def ext():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mod = ti.extension()
+    if mod is None:
+        reason = "; ".join(str(w.message) for w in caught) or "TREEFFN_NO_EXT set"
+        pytest.skip(f"C++ tree_infer extension unavailable: {reason}")
+    return mod
+
+
+def make_layer(D, K, depth, W, act="gelu", placement="node", bias=True, seed=0):
+    torch.manual_seed(seed)
+    layer = TreeFFN(D, K, depth, node_width=W, activation=act, placement=placement, bias=bias).eval()
+    with torch.no_grad():  # larger biases than the init so they actually move routing decisions
+        if bias:
+            layer.b_in.mul_(3.0)
+    return layer
+
+
+def params(layer, dtype=torch.float32):
+    b = layer.b_in.detach().to(dtype) if layer.b_in is not None else None
+    return layer.w_in.detach().to(dtype), b, layer.w_out.detach().to(dtype)
+
+
+def assert_paths_agree(paths, x, w_in, b_in, depth, max_frac=0.0):
+    """paths == tree_paths except at near-ties (|Σ_w λ| ≈ 0, where summation order decides the sign)."""
+    ref = tree_paths(x, w_in, b_in, depth)
+    assert paths.shape == ref.shape and paths.dtype == torch.long
+    diff = (paths != ref).any(-1)  # (M, K)
+    if not diff.any():
+        return
+    assert diff.float().mean().item() <= max_frac, f"{int(diff.sum())} of {diff.numel()} tree paths differ"
+    xd = x.double()
+    for m, k in diff.nonzero().tolist():
+        t = int((paths[m, k] != ref[m, k]).nonzero()[0])
+        parent = int(paths[m, k, t - 1])
+        s = (w_in[k, parent].double() @ xd[m]).sum()
+        if b_in is not None:
+            s = s + b_in[k, parent].double().sum()
+        assert abs(float(s)) < 1e-3, f"token {m} tree {k}: paths differ at level {t} with routing score {float(s)}"
+
+
+# (M, K, depth, W, D, placement, activation, bias): every M, K×depth incl. depth 0, W, D, placement, activation and
+# bias value appears several times, in varied combinations (a full product would take minutes in the reference).
+CASES = [
+    (1, 1, 0, 1, 8, "node", "gelu", True),
+    (1, 1, 3, 1, 64, "node", "gelu", True),
+    (1, 1, 6, 2, 33, "output", "gelu", False),
+    (1, 8, 2, 1, 64, "node", "relu", True),
+    (1, 16, 3, 4, 64, "output", "tanh", True),
+    (2, 1, 5, 1, 33, "node", "silu", True),
+    (2, 4, 0, 2, 8, "output", "identity", True),
+    (2, 3, 4, 4, 64, "node", "gelu", False),
+    (7, 1, 1, 1, 8, "output", "gelu", True),
+    (7, 2, 3, 2, 33, "node", "tanh", True),
+    (7, 5, 2, 1, 64, "output", "silu", True),
+    (64, 1, 4, 1, 64, "node", "gelu", True),
+    (64, 4, 3, 4, 33, "output", "relu", False),
+    (64, 2, 0, 1, 33, "node", "identity", False),
+    (64, 8, 2, 2, 8, "output", "gelu", True),
+    (300, 1, 6, 1, 33, "output", "gelu", True),
+    (300, 3, 3, 2, 64, "node", "silu", False),
+    (300, 16, 1, 1, 8, "node", "tanh", True),
+    (4096, 1, 4, 1, 64, "node", "gelu", True),
+    (4096, 2, 3, 2, 33, "output", "tanh", True),
+    (4096, 4, 0, 4, 8, "node", "relu", True),
+]
+IDS = [f"M{c[0]}-{c[1]}x{c[2]}-W{c[3]}-D{c[4]}-{c[5]}-{c[6]}-{'b' if c[7] else 'nob'}" for c in CASES]
+
+
+def _check(impl, case, dtype):
+    M, K, depth, W, D, placement, act, bias = case
+    layer = make_layer(D, K, depth, W, act, placement, bias, seed=M + 7 * K + depth)
+    w_in, b_in, w_out = params(layer, dtype)
+    x = torch.randn(M, D, generator=torch.Generator().manual_seed(M)).to(dtype)
+    with torch.inference_mode():
+        y, paths = ti.tree_infer(x, w_in, b_in, w_out, depth, act, placement, return_paths=True, impl=impl)
+        y2, none = ti.tree_infer(x, w_in, b_in, w_out, depth, act, placement, impl=impl)
+    assert none is None and torch.equal(y, y2)
+    assert y.shape == (M, D) and y.dtype == dtype and paths.shape == (M, K, depth + 1)
+    # fp32 reference on exactly the (possibly bf16-rounded) values the kernel saw
+    xf, wf, bf, vf = x.float(), w_in.float(), (b_in.float() if b_in is not None else None), w_out.float()
+    assert_paths_agree(paths, xf, wf, bf, depth, max_frac=0.0 if dtype == torch.float32 else 0.01)
+    y_ref = tree_reference(xf, wf, bf, vf, depth, act, placement, paths=paths)
+    if dtype == torch.float32:
+        torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    else:
+        torch.testing.assert_close(y.float(), y_ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_cpp_matches_reference_fp32(ext, case):
+    _check("cpp", case, torch.float32)
+
+
+@pytest.mark.parametrize("case", CASES[::2], ids=IDS[::2])
+def test_cpp_matches_reference_bf16(ext, case):
+    _check("cpp", case, torch.bfloat16)
+
+
+@pytest.mark.parametrize("case", CASES[1::2], ids=IDS[1::2])
+def test_torch_walk_matches_reference_fp32(case):
+    _check("torch", case, torch.float32)
+
+
+@pytest.mark.parametrize("case", CASES[3::4], ids=IDS[3::4])
+def test_torch_walk_matches_reference_bf16(case):
+    _check("torch", case, torch.bfloat16)
+
+
+@pytest.mark.parametrize("impl", ["cpp", "torch"])
+def test_inputs_spread_over_all_leaves(impl, request):
+    if impl == "cpp":
+        request.getfixturevalue("ext")
+    depth, K = 4, 2
+    layer = make_layer(32, K, depth, 1, seed=3)
+    w_in, b_in, w_out = params(layer)
+    x = torch.randn(2048, 32, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        y, paths = ti.tree_infer(x, w_in, b_in, w_out, depth, return_paths=True, impl=impl)
+    leaves = set(range(2 ** depth - 1, num_nodes(depth)))
+    for k in range(K):
+        assert set(paths[:, k, -1].tolist()) == leaves, f"tree {k} leaves not all visited"
+    assert torch.equal(paths, tree_paths(x, w_in, b_in, depth))
+    torch.testing.assert_close(y, tree_reference(x, w_in, b_in, w_out, depth), rtol=1e-4, atol=1e-5)
+
+
+def test_cpp_threading_modes_agree(ext):
+    """Serial, token-parallel and tree-parallel schedules give the same result (batch 1 and 3 with many trees)."""
+    layer = make_layer(256, 24, 5, 1, placement="output", seed=11)
+    w_in, b_in, w_out = params(layer)
+    for M in (1, 3, 40):
+        x = torch.randn(M, 256, generator=torch.Generator().manual_seed(M))
+        with torch.inference_mode():
+            y, paths = ti.tree_infer(x, w_in, b_in, w_out, 5, placement="output", return_paths=True, impl="cpp")
+        assert torch.equal(paths, tree_paths(x, w_in, b_in, 5))
+        ref = tree_reference(x, w_in, b_in, w_out, 5, placement="output")
+        torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("act", ["gelu", "tanh", "silu"])
+def test_cpp_output_placement_large_responses(ext, act):
+    """The kernel's vectorised φ (its own exp/erf) over a wide range of pre-activations, incl. the saturated tails."""
+    layer = make_layer(40, 2, 3, 1, act=act, placement="output", seed=6)
+    w_in, b_in, w_out = params(layer)
+    w_out = w_out * 400.0  # accumulated z spans about ±60
+    x = torch.randn(64, 40, generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        y, _ = ti.tree_infer(x, w_in, b_in, w_out, 3, act, "output", impl="cpp")
+    ref = tree_reference(x, w_in, b_in, w_out, 3, act, "output")
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_cpp_concurrent_python_threads(ext):
+    """Big calls release the GIL; per-thread scratch must keep concurrent callers apart."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    layer = make_layer(96, 4, 4, 2, placement="output", seed=8)
+    w_in, b_in, w_out = params(layer)
+    xs = [torch.randn(300, 96, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    with torch.inference_mode():
+        expected = [ti.tree_infer(x, w_in, b_in, w_out, 4, placement="output", impl="cpp")[0] for x in xs]
+
+        def call(i):
+            with torch.inference_mode():
+                return ti.tree_infer(xs[i], w_in, b_in, w_out, 4, placement="output", impl="cpp")[0]
+
+        with ThreadPoolExecutor(3) as pool:
+            got = list(pool.map(call, range(6)))
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+
+
+def test_cpp_noncontiguous_and_mixed_dtypes(ext):
+    layer = make_layer(64, 3, 3, 2, seed=2)
+    w_in, b_in, w_out = params(layer)
+    xt = torch.randn(64, 10).t()  # (10, 64), not contiguous
+    with torch.inference_mode():
+        y, _ = ti.tree_infer(xt, w_in, b_in, w_out, 3, impl="cpp")
+        torch.testing.assert_close(y, tree_reference(xt.contiguous(), w_in, b_in, w_out, 3), rtol=1e-4, atol=1e-5)
+        # fp32 tokens with bf16 weights (and the reverse): fp32 accumulation either way
+        wb, bb, vb = params(layer, torch.bfloat16)
+        y, paths = ti.tree_infer(xt, wb, bb, vb, 3, return_paths=True, impl="cpp")
+        assert y.dtype == torch.float32
+        ref = tree_reference(xt.contiguous(), wb.float(), bb.float(), vb.float(), 3, paths=paths)
+        torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
+        y, _ = ti.tree_infer(xt.bfloat16(), w_in, b_in, w_out, 3, impl="cpp")
+        assert y.dtype == torch.bfloat16
+        # empty batch
+        y, paths = ti.tree_infer(torch.zeros(0, 64), w_in, b_in, w_out, 3, return_paths=True, impl="cpp")
+        assert y.shape == (0, 64) and paths.shape == (0, 3, 4)
+
+
+def test_errors(ext):
+    layer = make_layer(16, 1, 2, 1)
+    w_in, b_in, w_out = params(layer)
+    x = torch.randn(2, 16)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        ti.tree_infer(x.requires_grad_(), layer.w_in, layer.b_in, layer.w_out, 2)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="nodes per tree"):
+            ti.tree_infer(x, w_in, b_in, w_out, 3, impl="cpp")
+        with pytest.raises(ValueError, match="unknown"):
+            ti.tree_infer(x, w_in, b_in, w_out, 2, activation="swish")
+        with pytest.raises(ValueError, match="impl"):
+            ti.tree_infer(x, w_in, b_in, w_out, 2, impl="triton")
+
+
+def test_fallback_without_extension(monkeypatch):
+    """With the extension unavailable (TREEFFN_NO_EXT=1 or no compiler), "auto" runs the PyTorch walk."""
+    monkeypatch.setattr(ti, "_ext", None)
+    monkeypatch.setattr(ti, "_ext_tried", True)
+    layer = make_layer(33, 2, 3, 1, seed=4)
+    w_in, b_in, w_out = params(layer)
+    x = torch.randn(9, 33)
+    called = []
+    real = ti.tree_infer_torch
+    monkeypatch.setattr(ti, "tree_infer_torch", lambda *a, **k: called.append(1) or real(*a, **k))
+    with torch.inference_mode():
+        y, paths = ti.tree_infer(x, w_in, b_in, w_out, 3, return_paths=True)
+        with pytest.raises(RuntimeError, match="could not be built"):
+            ti.tree_infer(x, w_in, b_in, w_out, 3, impl="cpp")
+    assert called
+    assert torch.equal(paths, tree_paths(x, w_in, b_in, 3))
+    torch.testing.assert_close(y, tree_reference(x, w_in, b_in, w_out, 3), rtol=1e-4, atol=1e-5)
+
+
+def test_layer_fused_impl_uses_kernel(ext):
+    layer = make_layer(48, 4, 3, 2, placement="output", seed=9)
+    layer.impl = "fused"
+    layer.track_stats = True
+    x = torch.randn(2, 5, 48)
+    with torch.inference_mode():
+        y, aux = layer(x)
+    ref = tree_reference(x.reshape(-1, 48), layer.w_in, layer.b_in, layer.w_out, 3, placement="output")
+    torch.testing.assert_close(y.reshape(-1, 48), ref, rtol=1e-4, atol=1e-5)
+    assert int(aux["tree_visits"].sum()) == 10 * 4 * 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_torch_walk_on_cuda():
+    layer = make_layer(64, 4, 5, 2, seed=1)
+    w_in, b_in, w_out = params(layer)
+    x = torch.randn(100, 64)
+    with torch.inference_mode():
+        y, paths = ti.tree_infer(x.cuda(), w_in.cuda(), b_in.cuda(), w_out.cuda(), 5, return_paths=True)
+    assert y.device.type == "cuda"
+    assert_paths_agree(paths.cpu(), x, w_in, b_in, 5, max_frac=0.01)
+    torch.testing.assert_close(y.cpu(), tree_reference(x, w_in, b_in, w_out, 5, paths=paths.cpu()),
+                               rtol=1e-3, atol=1e-4)
+
+
+def test_bench_layer_smoke(capsys):
+    from treeffn.bench.layer import main
+
+    rc = main(["--configs", "1x3,2x2", "--batches", "1,5", "--repeats", "3", "--budget-s", "0.2", "--d-model", "32",
+               "--skip-fff"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    data = json.loads(out.strip().splitlines()[-1])
+    assert data["bench"] == "layer" and data["d_model"] == 32
+    impls = {r["impl"] for r in data["results"]}
+    assert {"tree-torch", "dense-train", "dense-infer", "moe-top1"} <= impls
+    assert len({(r["config"], r["batch"]) for r in data["results"]}) == 4
+    assert all(r["us"] > 0 for r in data["results"])
