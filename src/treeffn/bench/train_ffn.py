@@ -1,0 +1,269 @@
+"""`treeffn bench train-ffn`: forward+backward time of the tree layer against the dense MLP of equal training width.
+
+The question (tree-ffn.md, "What users and critics said"): every public tree-FFN implementation trains in O(N), as
+expensive as the dense layer it replaces. ``treeffn.kernels.tree_train`` trains at the cost of the visited path
+(UltraFastBERT form, Belcak & Wattenhofer arXiv 2311.10770; DS-26 placements). This benchmark measures it.
+
+Shapes: M tokens (``--tokens``, 4,096), D model width (512 and 768), K trees, L = depth + 1 levels,
+N = 2^L − 1 nodes per tree, W = 1 unit per node; configurations K×depth = 1x11, 8x8, 16x7, 32x6 (K·N ≈ 4,064–4,095
+units, 12–224 of them visited per token).
+
+===========  ==========================================================================================================
+name         what it times (one call = forward, then backward of a random upstream gradient; x requires grad)
+===========  ==========================================================================================================
+dense        Linear(D, K·N·W) → GELU → Linear(K·N·W, D): the dense MLP of equal *training* width (6 GEMMs per call)
+tree-cpp     ``tree_train(impl="cpp")``: fused C++ forward and backward over the visited nodes only
+tree-torch   ``tree_train(impl="torch")``: the device-agnostic PyTorch path (gather, batched dots, index_add_)
+reference    ``tree_reference``: the masked dense simulation (computes all K·N nodes, zeroes the unvisited ones)
+===========  ==========================================================================================================
+
+Everything runs in one process on the same random inputs (fresh N(0, 1) tokens from a pool of 2, so routing is
+diverse), weights initialised as ``TreeFFN`` does. Each measurement: ``--warmup`` untimed calls, then up to
+``--repeats`` timed calls, stopping early once ``--budget-s`` seconds are spent (at least one timed call; a call
+whose warm-up alone exceeds the budget is timed once, its warm-up counted as the sample, and marked ``*``).
+Times are medians in ms. ``speedup`` = dense ms / ms (same dtype); for bf16 rows ``vs fp32`` = fp32 dense ms / ms,
+because bf16 GEMMs on CPUs without native bf16 instructions are several times slower than fp32 ones.
+
+The table is followed by one JSON line (``{"bench": "train-ffn", ...}``) with every result, the torch version,
+thread count and shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+POOL = 2
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+IMPLS = ("dense", "tree-cpp", "tree-torch", "reference")
+
+
+def _parse_configs(text: str) -> list[tuple[int, int]]:
+    out = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        if not item:
+            continue
+        try:
+            k, d = item.split("x")
+            out.append((int(k), int(d)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad config '{item}': expected KxDEPTH, e.g. 1x11") from None
+        if out[-1][0] < 1 or out[-1][1] < 0:
+            raise argparse.ArgumentTypeError(f"bad config '{item}': K ≥ 1 and depth ≥ 0")
+    if not out:
+        raise argparse.ArgumentTypeError("no configs given")
+    return out
+
+
+def _parse_ints(text: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad integer list '{text}'") from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError("expected positive integers")
+    return vals
+
+
+def _parse_choices(choices):
+    def parse(text: str) -> list[str]:
+        vals = [v.strip() for v in text.split(",") if v.strip()]
+        bad = [v for v in vals if v not in choices]
+        if bad or not vals:
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(choices)} (got '{text}')")
+        return vals
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="treeffn bench train-ffn",
+        description="Training step (forward + backward) of the tree layer — sparse path (fused C++ kernel and "
+                    "PyTorch ops) and the masked dense reference — against the dense GELU MLP of equal training "
+                    "width (K·N units), in fp32 and bf16. Prints a table of ms per call and speed-up over the dense "
+                    "MLP, then one JSON line. Restrict the grid for a quick run, e.g. "
+                    "--d-model 768 --configs 16x7 --dtypes fp32 --repeats 3.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--d-model", type=_parse_ints, default="512,768", help="comma-separated model widths D")
+    p.add_argument("--configs", type=_parse_configs, default="1x11,8x8,16x7,32x6",
+                   help="comma-separated KxDEPTH tree configurations (K trees of the given depth, 1 unit per node)")
+    p.add_argument("--dtypes", type=_parse_choices(tuple(DTYPES)), default="fp32,bf16",
+                   help="comma-separated dtypes of weights and activations (bf16 tree kernels accumulate in fp32)")
+    p.add_argument("--tokens", type=int, default=4096, help="tokens per call M (batch × sequence, flattened)")
+    p.add_argument("--impls", type=_parse_choices(IMPLS), default=",".join(IMPLS),
+                   help="comma-separated subset of implementations to time")
+    p.add_argument("--skip-reference", action="store_true", help="do not time the masked dense reference")
+    p.add_argument("--placement", choices=("node", "output"), default="node", help="tree placement of φ")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls before each measurement")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (median reported)")
+    p.add_argument("--budget-s", type=float, default=15.0,
+                   help="stop timing a measurement after this many seconds (at least one timed call)")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: keep the current setting)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for weights and inputs")
+    return p
+
+
+class DenseMLP(nn.Module):
+    """Linear → GELU → Linear: the dense transformer MLP."""
+
+    def __init__(self, d: int, hidden: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+def _time(step, inputs, warmup: int, repeats: int, budget_s: float) -> dict:
+    """Run step(x) -> forward seconds; return medians of forward and total ms, and the sample count."""
+    first = None
+    for i in range(max(0, warmup)):
+        t0 = time.perf_counter()
+        fwd = step(inputs[i % len(inputs)])
+        first = (fwd, time.perf_counter() - t0)
+    if first is not None and first[1] > budget_s:  # too slow to repeat: the warm-up is the (marked) sample
+        return {"fwd_ms": first[0] * 1e3, "ms": first[1] * 1e3, "samples": 1, "warmup_as_sample": True}
+    fwds, tots = [], []
+    t_end = time.perf_counter() + budget_s
+    for i in range(max(1, repeats)):
+        x = inputs[i % len(inputs)]
+        t0 = time.perf_counter()
+        fwd = step(x)
+        tots.append(time.perf_counter() - t0)
+        fwds.append(fwd)
+        if time.perf_counter() > t_end:
+            break
+    return {"fwd_ms": statistics.median(fwds) * 1e3, "ms": statistics.median(tots) * 1e3, "samples": len(tots),
+            "warmup_as_sample": False}
+
+
+def _make_step(name, params, depth, placement, dy, dense):
+    """A closure: forward + backward of one implementation; returns the forward's seconds."""
+    from ..kernels.tree_train import tree_train
+    from ..layers.tree import tree_reference
+
+    w_in, b_in, w_out = params
+
+    def clear(x):
+        x.grad = None
+        for p in (*params, *dense.parameters()):
+            p.grad = None
+
+    if name == "dense":
+        def fwd(x):
+            return dense(x)
+    elif name in ("tree-cpp", "tree-torch"):
+        impl = name.split("-")[1]
+
+        def fwd(x):
+            return tree_train(x, w_in, b_in, w_out, depth, "gelu", placement, impl=impl)[0]
+    else:
+        def fwd(x):
+            return tree_reference(x, w_in, b_in, w_out, depth, "gelu", placement)
+
+    def step(x):
+        clear(x)
+        t0 = time.perf_counter()
+        y = fwd(x)
+        t1 = time.perf_counter()
+        y.backward(dy)
+        return t1 - t0
+
+    return step
+
+
+def _info() -> dict:
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
+            "machine": platform.machine(), "cpu_count": os.cpu_count(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "loadavg_1m_at_start": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from ..kernels.tree_train import extension
+    from ..layers.tree import TreeFFN
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if args.tokens < 1:
+        raise SystemExit("--tokens must be ≥ 1")
+    impls = [i for i in IMPLS if i in args.impls and not (i == "reference" and args.skip_reference)]
+    notes = []
+    if "tree-cpp" in impls:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if extension() is None:
+                impls.remove("tree-cpp")
+                notes.append("tree-cpp skipped: the C++ extension could not be built")
+    info = _info()
+    M = args.tokens
+    print(f"treeffn bench train-ffn: M={M} tokens, W=1, placement={args.placement}, threads={info['threads']}, "
+          f"torch={info['torch']}, cpu_count={info['cpu_count']}, capability={info['cpu_capability']}, "
+          f"load average at start={info['loadavg_1m_at_start']}")
+    print("ms per forward+backward (median; fwd = forward part); speedup = dense ms / ms (same dtype); "
+          "vs fp32 = fp32 dense ms / ms; * = single slow call")
+    header = (f"{'D':>4} {'dtype':>5} {'config':>6} {'units':>11} {'impl':>10} {'fwd ms':>9} {'ms':>10} "
+              f"{'n':>2} {'speedup':>8} {'vs fp32':>8}")
+    print(header)
+    print("-" * len(header))
+    results = []
+    dense_fp32 = {}  # (D, config) -> fp32 dense ms, for the bf16 rows' second ratio
+    gen = torch.Generator().manual_seed(args.seed)
+    for D in args.d_model:
+        for dname in args.dtypes:
+            dtype = DTYPES[dname]
+            for K, depth in args.configs:
+                torch.manual_seed(args.seed)
+                L, N = depth + 1, 2 ** (depth + 1) - 1
+                tree = TreeFFN(D, K, depth, placement=args.placement).to(dtype)
+                params = (tree.w_in, tree.b_in, tree.w_out)
+                dense = DenseMLP(D, K * N).to(dtype) if "dense" in impls else nn.Identity()
+                inputs = [torch.randn(M, D, generator=gen).to(dtype).requires_grad_() for _ in range(POOL)]
+                dy = torch.randn(M, D, generator=gen).to(dtype)
+                row = {}
+                for name in impls:
+                    step = _make_step(name, params, depth, args.placement, dy, dense)
+                    row[name] = _time(step, inputs, args.warmup, args.repeats, args.budget_s)
+                cfg = f"{K}x{depth}"
+                base = row.get("dense", {}).get("ms")
+                if dname == "fp32" and base:
+                    dense_fp32[(D, cfg)] = base
+                base32 = dense_fp32.get((D, cfg))
+                for name, r in row.items():
+                    speedup = base / r["ms"] if base else None
+                    vs32 = base32 / r["ms"] if (base32 and dname != "fp32") else None
+                    mark = "*" if r["warmup_as_sample"] else " "
+                    print(f"{D:>4} {dname:>5} {cfg:>6} {f'{K * L}/{K * N}':>11} {name:>10} {r['fwd_ms']:>9.1f} "
+                          f"{r['ms']:>9.1f}{mark} {r['samples']:>2} "
+                          f"{f'{speedup:.2f}x' if speedup else '-':>8} {f'{vs32:.2f}x' if vs32 else '-':>8}",
+                          flush=True)
+                    results.append({"d_model": D, "dtype": dname, "config": cfg, "K": K, "depth": depth, "W": 1,
+                                    "tokens": M, "units_total": K * N, "units_visited": K * L, "impl": name,
+                                    "fwd_ms": round(r["fwd_ms"], 3), "ms": round(r["ms"], 3),
+                                    "samples": r["samples"], "warmup_as_sample": r["warmup_as_sample"],
+                                    "speedup_vs_dense": round(speedup, 3) if speedup else None,
+                                    "speedup_vs_dense_fp32": round(vs32, 3) if vs32 else None})
+                print()
+    for n in notes:
+        print("note:", n)
+    print(json.dumps({"bench": "train-ffn", **info, "tokens": M, "d_model": args.d_model, "dtypes": args.dtypes,
+                      "configs": [f"{k}x{d}" for k, d in args.configs], "placement": args.placement,
+                      "activation": "gelu", "node_width": 1, "warmup": args.warmup, "repeats": args.repeats,
+                      "budget_s": args.budget_s, "notes": notes, "results": results}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""tree_train (sparse training path, both impls) against tree_reference (the masked dense simulation).
+
+Inputs of the routing (x, w_in, b_in) are small multiples of powers of two, so every routing score Σ_w λ_w is
+computed exactly in fp32 whatever the summation order: paths must then agree bit for bit between the reference and
+both implementations (a tie s = 0 goes left everywhere), and values/gradients are compared with tight tolerances.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from treeffn.errors import ConfigError
+from treeffn.kernels.tree_train import extension, tree_train
+from treeffn.layers.tree import TreeFFN, tree_paths, tree_reference, visit_counts
+
+
+def _cpp_available() -> bool:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return extension() is not None
+
+
+CPP = pytest.param("cpp", marks=pytest.mark.skipif(not _cpp_available(),
+                                                     reason="the tree_train C++ extension could not be built"))
+IMPLS = ["torch", CPP]
+
+
+def make(K, depth, W, D, M, bias=True, dtype=torch.float32, seed=0):
+    """Exactly representable routing inputs (see the module docstring); w_out is any float."""
+    g = torch.Generator().manual_seed(seed)
+    N = 2 ** (depth + 1) - 1
+    x = torch.randint(-16, 17, (M, D), generator=g).float() / 16
+    w_in = torch.randint(-8, 9, (K, N, W, D), generator=g).float() / 64
+    b_in = torch.randint(-8, 9, (K, N, W), generator=g).float() / 64 if bias else None
+    w_out = torch.randn(K, N, W, D, generator=g) / (K * (depth + 1) * W) ** 0.5
+    ts = [x, w_in, b_in, w_out]
+    return [t.to(dtype).requires_grad_() if t is not None else None for t in ts]
+
+
+def grads(y, inputs, dy):
+    live = [t for t in inputs if t is not None]
+    gs = iter(torch.autograd.grad(y, live, dy))
+    return [next(gs) if t is not None else None for t in inputs]
+
+
+# K, depth, W, D, M, placement, activation, bias
+CASES = [
+    (1, 0, 1, 8, 1, "node", "gelu", True),
+    (1, 0, 3, 16, 50, "output", "tanh", False),
+    (2, 0, 2, 12, 17, "node", "relu", True),
+    (1, 1, 1, 8, 5, "node", "tanh", True),
+    (3, 1, 2, 24, 64, "output", "gelu", True),
+    (1, 2, 1, 32, 100, "node", "gelu", False),
+    (4, 2, 3, 16, 33, "output", "relu", True),
+    (2, 3, 1, 40, 300, "node", "gelu", True),
+    (2, 3, 2, 8, 7, "output", "tanh", True),
+    (1, 4, 1, 24, 300, "output", "gelu", True),
+    (3, 4, 1, 16, 128, "node", "relu", True),
+    (4, 4, 2, 40, 80, "node", "tanh", False),
+    (1, 5, 1, 16, 300, "node", "gelu", True),
+    (2, 5, 3, 32, 200, "output", "relu", False),
+    (4, 5, 1, 8, 256, "node", "tanh", True),
+    (3, 5, 2, 40, 1, "output", "gelu", True),
+    (1, 3, 1, 32, 64, "node", "silu", True),
+    (2, 2, 2, 16, 48, "output", "silu", True),
+    (2, 3, 1, 16, 40, "node", "identity", True),
+    (1, 4, 2, 8, 60, "output", "identity", False),
+    (1, 5, 2, 64, 300, "node", "gelu", True),  # enough work for the C++ kernel to go multi-threaded
+    (3, 3, 1, 96, 257, "output", "tanh", True),
+]
+
+
+def _case_id(c):
+    K, depth, W, D, M, pl, act, bias = c
+    return f"K{K}d{depth}W{W}D{D}M{M}-{pl}-{act}-{'b' if bias else 'nob'}"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_matches_reference(case, impl):
+    K, depth, W, D, M, placement, act, bias = case
+    inputs = make(K, depth, W, D, M, bias, seed=CASES.index(case))
+    x, w_in, b_in, w_out = inputs
+    y, paths = tree_train(x, w_in, b_in, w_out, depth, act, placement, impl=impl)
+    ref_paths = tree_paths(x, w_in, b_in, depth)
+    assert paths.dtype == torch.long and paths.shape == (M, K, depth + 1) and not paths.requires_grad
+    assert torch.equal(paths, ref_paths)
+    y_ref = tree_reference(x, w_in, b_in, w_out, depth, act, placement)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    dy = torch.randn(M, D, generator=torch.Generator().manual_seed(1))
+    got, want = grads(y, inputs, dy), grads(y_ref, inputs, dy)
+    for name, g, r in zip(("x", "w_in", "b_in", "w_out"), got, want):
+        if r is None:
+            assert g is None
+            continue
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5, msg=lambda m: f"d{name}: {m}")
+    # Inputs spread over the paths: with enough tokens most leaves of every tree are visited.
+    if depth >= 2 and M >= 4 * 2 ** depth:
+        leaves = paths[:, :, -1]
+        for k in range(K):
+            assert leaves[:, k].unique().numel() >= 2 ** depth // 2
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("placement", ["node", "output"])
+def test_unvisited_nodes_get_exact_zero_gradient(impl, placement):
+    K, depth, W, D, M = 2, 5, 2, 16, 20  # 20 tokens cannot visit all 32 leaves
+    inputs = make(K, depth, W, D, M, seed=3)
+    x, w_in, b_in, w_out = inputs
+    y, paths = tree_train(x, w_in, b_in, w_out, depth, "gelu", placement, impl=impl)
+    y.sum().backward()
+    visits = visit_counts(paths, 2 ** (depth + 1) - 1)  # (K, N)
+    unvisited = visits == 0
+    assert unvisited.any() and (~unvisited).any()
+    for p in (w_in, b_in, w_out):
+        assert torch.count_nonzero(p.grad[unvisited]) == 0
+        assert torch.count_nonzero(p.grad[~unvisited]) > 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_routing_receives_no_gradient(impl):
+    """A node whose output vector is zero acts on y only through its routing decision: under hard routing with
+    stop-gradient its input weights and bias get exactly zero gradient (a soft or straight-through router would not),
+    although moving its bias does change y."""
+    K, depth, W, D, M = 1, 3, 1, 16, 64
+    x, w_in, b_in, w_out = make(K, depth, W, D, M, seed=5)
+    with torch.no_grad():
+        w_out[:, 0] = 0  # the root routes but contributes nothing
+    y, paths = tree_train(x, w_in, b_in, w_out, depth, "gelu", "node", impl=impl)
+    assert 0 < (paths[:, 0, 1] == 2).sum() < M  # the root sends tokens both ways
+    y.square().sum().backward()
+    assert torch.count_nonzero(w_in.grad[:, 0]) == 0 and torch.count_nonzero(b_in.grad[:, 0]) == 0
+    assert torch.count_nonzero(w_in.grad[:, 1:]) > 0
+    with torch.no_grad():  # the routing does matter for the value: send every token right
+        b_shift = b_in.detach().clone()
+        b_shift[:, 0] = 1e3
+        y2, paths2 = tree_train(x, w_in, b_shift, w_out, depth, "gelu", "node", impl=impl)
+    assert (paths2[:, 0, 1] == 2).all() and not torch.allclose(y, y2)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_grads_equal_fixed_path_reference(impl):
+    """Gradients equal those of the reference evaluated on the same, fixed paths (routing is a constant)."""
+    K, depth, W, D, M = 3, 4, 1, 24, 90
+    g = torch.Generator().manual_seed(11)  # plain Gaussian inputs; the reference is forced onto our paths
+    x = torch.randn(M, D, generator=g, requires_grad=True)
+    w_in = (torch.randn(K, 31, W, D, generator=g) / D ** 0.5).requires_grad_()
+    b_in = (torch.randn(K, 31, W, generator=g) * 0.1).requires_grad_()
+    w_out = torch.randn(K, 31, W, D, generator=g).requires_grad_()
+    for placement in ("node", "output"):
+        y, paths = tree_train(x, w_in, b_in, w_out, depth, "gelu", placement, impl=impl)
+        y_ref = tree_reference(x, w_in, b_in, w_out, depth, "gelu", placement, paths=paths)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+        dy = torch.randn(M, D, generator=g)
+        for a, b in zip(grads(y, [x, w_in, b_in, w_out], dy), grads(y_ref, [x, w_in, b_in, w_out], dy)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("placement", ["node", "output"])
+def test_bf16_close_to_fp32_reference(impl, placement):
+    K, depth, W, D, M = 2, 4, 2, 32, 150
+    inputs = make(K, depth, W, D, M, dtype=torch.bfloat16, seed=7)
+    x, w_in, b_in, w_out = inputs
+    y, paths = tree_train(x, w_in, b_in, w_out, depth, "gelu", placement, impl=impl)
+    assert y.dtype == torch.bfloat16
+    f32 = [t.detach().float().requires_grad_() for t in inputs]
+    # bf16 routing inputs are exact here and both impls sum in fp32: the paths are the exact ones
+    assert torch.equal(paths, tree_paths(f32[0], f32[1], f32[2], depth))
+    y_ref = tree_reference(*f32, depth, "gelu", placement, paths=paths)
+    torch.testing.assert_close(y.float(), y_ref, rtol=2e-2, atol=2e-2)
+    dy = torch.randn(M, D, generator=torch.Generator().manual_seed(2)).bfloat16()
+    for name, g, r in zip("x u b v".split(), grads(y, inputs, dy), grads(y_ref, f32, dy.float())):
+        assert g.dtype == torch.bfloat16
+        scale = r.abs().max().item()
+        torch.testing.assert_close(g.float(), r, rtol=3e-2, atol=2e-2 * scale, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.skipif(not _cpp_available(), reason="the tree_train C++ extension could not be built")
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("K,placement", [(1, "node"), (2, "output"), (5, "node")])
+def test_cpp_thread_schedules(threads, K, placement):
+    """Both backward schedules (a tree per thread with per-thread dx buffers when K ≥ threads; slices of one tree's
+    leaf order with straddling nodes merged afterwards when K < threads), with enough work to go parallel."""
+    depth, W, D, M = 4, 2, 64, 257
+    inputs = make(K, depth, W, D, M, seed=K)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y, paths = tree_train(*inputs, depth, "gelu", placement, impl="cpp")
+        dy = torch.randn(M, D, generator=torch.Generator().manual_seed(3))
+        got = grads(y, inputs, dy)
+    finally:
+        torch.set_num_threads(before)
+    y_ref = tree_reference(*inputs, depth, "gelu", placement)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(got, grads(y_ref, inputs, dy)):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_gradcheck_torch_fp64():
+    K, depth, W, D, M = 2, 2, 2, 5, 6
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(M, D, generator=g, dtype=torch.float64), torch.randn(K, 7, W, D, generator=g, dtype=torch.float64),
+            torch.randn(K, 7, W, generator=g, dtype=torch.float64), torch.randn(K, 7, W, D, generator=g, dtype=torch.float64)]
+    args = [a.requires_grad_() for a in args]
+    for placement in ("node", "output"):
+        fn = lambda *a: tree_train(*a[:3], a[3], depth, "gelu", placement, impl="torch")[0]  # noqa: E731
+        assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not _cpp_available(), reason="the tree_train C++ extension could not be built")
+def test_gradcheck_cpp_fp64():
+    K, depth, W, D, M = 2, 2, 2, 5, 6
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(M, D, generator=g, dtype=torch.float64), torch.randn(K, 7, W, D, generator=g, dtype=torch.float64),
+            torch.randn(K, 7, W, generator=g, dtype=torch.float64), torch.randn(K, 7, W, D, generator=g, dtype=torch.float64)]
+    args = [a.requires_grad_() for a in args]
+    for placement in ("node", "output"):
+        for act in ("gelu", "tanh"):
+            fn = lambda *a: tree_train(*a[:3], a[3], depth, act, placement, impl="cpp")[0]  # noqa: E731
+            assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_partial_requires_grad_and_empty_batch(impl):
+    K, depth, W, D, M = 2, 3, 1, 16, 40
+    x, w_in, b_in, w_out = make(K, depth, W, D, M, seed=9)
+    x = x.detach()  # first layer: no dx wanted
+    w_in.requires_grad_(False)
+    y, _ = tree_train(x, w_in, b_in, w_out, depth, "gelu", "node", impl=impl)
+    y_ref = tree_reference(x, w_in, b_in, w_out, depth, "gelu", "node")
+    dy = torch.randn(M, D)
+    a = torch.autograd.grad(y, [b_in, w_out], dy)
+    b = torch.autograd.grad(y_ref, [b_in, w_out], dy)
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-5)
+    y0, p0 = tree_train(torch.zeros(0, D, requires_grad=True), w_in, b_in, w_out, depth, impl=impl)
+    assert y0.shape == (0, D) and p0.shape == (0, K, depth + 1)
+    y0.sum().backward()
+
+
+def test_auto_impl_layer_and_errors():
+    K, depth, W, D, M = 2, 3, 2, 16, 30
+    x, w_in, b_in, w_out = make(K, depth, W, D, M, seed=4)
+    y, _ = tree_train(x, w_in, b_in, w_out, depth)
+    torch.testing.assert_close(y, tree_reference(x, w_in, b_in, w_out, depth), rtol=1e-5, atol=1e-5)
+    layer = TreeFFN(D, K, depth, node_width=W, impl="sparse")
+    xs = torch.randn(M, D, requires_grad=True)
+    ys, _ = layer.forward_2d(xs)
+    torch.testing.assert_close(ys, tree_reference(xs, layer.w_in, layer.b_in, layer.w_out, depth),
+                               rtol=1e-5, atol=1e-5)
+    ys.sum().backward()
+    assert layer.w_in.grad is not None and xs.grad is not None
+    with pytest.raises(ConfigError):
+        tree_train(x, w_in, b_in, w_out, depth + 1)
+    with pytest.raises(ConfigError):
+        tree_train(x, w_in, b_in, w_out, depth, activation="swish")
+    with pytest.raises(ConfigError):
+        tree_train(x, w_in, b_in, w_out, depth, placement="leaf")
+    with pytest.raises(ConfigError):
+        tree_train(x, w_in, b_in, w_out, depth, impl="cuda")
+
+
+def test_bench_smoke(capsys):
+    from treeffn.bench.train_ffn import main
+
+    assert main(["--d-model", "32", "--configs", "2x3,1x4", "--tokens", "64", "--dtypes", "fp32", "--repeats", "1",
+                 "--warmup", "0"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    res = json.loads(out[-1])
+    assert res["bench"] == "train-ffn" and res["tokens"] == 64 and res["threads"] >= 1
+    impls = {r["impl"] for r in res["results"]}
+    assert {"dense", "tree-torch", "reference"} <= impls
+    assert all(r["ms"] > 0 for r in res["results"])
