@@ -202,6 +202,33 @@ def test_cpp_thread_schedules(threads, K, placement):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.skipif(not _cpp_available(), reason="the tree_train C++ extension could not be built")
+@pytest.mark.parametrize("K", [1, 4, 8])
+def test_cpp_gradients_bitwise_reproducible(K):
+    """Same inputs, same thread count -> bitwise identical outputs and gradients (exact resume depends on it),
+    with random (not exactly representable) inputs so the summation order would show."""
+    g = torch.Generator().manual_seed(K)
+    D, M, depth = 64, 512, 3
+    N = 2 ** (depth + 1) - 1
+    x = torch.randn(M, D, generator=g)
+    params = [torch.randn(K, N, 1, D, generator=g) / 8, torch.randn(K, N, 1, generator=g) / 8,
+              torch.randn(K, N, 1, D, generator=g) / 8]
+    dy = torch.randn(M, D, generator=g)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runs = []
+        for _ in range(8):
+            inputs = [t.clone().requires_grad_(True) for t in [x, *params]]
+            y, _ = tree_train(inputs[0], inputs[1], inputs[2], inputs[3], depth, "gelu", "node", impl="cpp")
+            runs.append([y.detach()] + list(torch.autograd.grad(y, inputs, dy)))
+    finally:
+        torch.set_num_threads(before)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
 def test_gradcheck_torch_fp64():
     K, depth, W, D, M = 2, 2, 2, 5, 6
     g = torch.Generator().manual_seed(0)

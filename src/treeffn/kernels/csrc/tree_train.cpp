@@ -648,9 +648,11 @@ struct TreeBackward {
 };
 
 // Two schedules, both race-free without atomics:
-//  * trees >= threads: each tree is one work item (dynamic), owned whole by one thread, so all its gradient rows
-//    are complete when written; dx rows are shared between trees, so each thread sums into its own dx buffer and
-//    the buffers are added at the end (threads x M x D floats, only when there are several threads).
+//  * trees >= threads: each tree is one work item, owned whole by one thread, so all its gradient rows are complete
+//    when written; dx rows are shared between trees, so each thread sums into its own dx buffer and the buffers are
+//    added at the end (threads x M x D floats, only when there are several threads). Trees go to threads
+//    round-robin (static schedule), so each dx buffer sums the same trees in the same order on every call: the
+//    gradients are bitwise reproducible for a given thread count, which exact resume relies on.
 //  * few trees (e.g. 1x11): each tree's leaf order is split into one contiguous slice per thread (no dx row is in two
 //    slices of one tree); nodes straddling two slices are summed from per-thread partials, one barrier per tree.
 template <typename T>
@@ -682,7 +684,7 @@ void backward_impl(const Shape& s, const T* x, const T* w_in, const T* w_out, co
       }
       TreeBackward<T> tb(s, x, w_in, w_out, dy, paths, lam, act, placement, need_dx, need_params, gw_in, gb_in,
                          gw_out);
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(static, 1)
       for (int64_t k = 0; k < K; ++k) tb.run(k, order.data() + k * M, 0, M, dxb, partials[tid]);
       if (need_dx && nt > 1) {  // dx_acc += the other threads' buffers, rows split between threads
 #pragma omp for schedule(static)
