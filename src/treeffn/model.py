@@ -36,26 +36,59 @@ class LayerCache:
     """Keys/values one attention layer has seen: k, v (B, G, S, C), their positions and validity (B, S).
 
     A routed (MoD) layer appends only the tokens routed to it, so its S can be smaller than the model's.
+    Storage grows geometrically and new entries are written in place, so decoding T tokens copies O(T) entries in
+    all instead of re-concatenating the whole cache at every step. ``k``/``v``/``pos``/``valid`` are views of the
+    first S entries; assigning all four (e.g. reordering beams) replaces the storage.
     """
 
     def __init__(self):
-        self.k = self.v = self.pos = self.valid = None
+        self._k = self._v = self._pos = self._valid = None
+        self.n = 0
         self.all_valid = True  # no padding entries: decoding may skip building a mask
+
+    def _view(self, t, dim):
+        return None if t is None else t.narrow(dim, 0, self.n)
+
+    k = property(lambda self: self._view(self._k, 2), lambda self, t: self._set("_k", t, 2))
+    v = property(lambda self: self._view(self._v, 2), lambda self, t: self._set("_v", t, 2))
+    pos = property(lambda self: self._view(self._pos, 1), lambda self, t: self._set("_pos", t, 1))
+    valid = property(lambda self: self._view(self._valid, 1), lambda self, t: self._set("_valid", t, 1))
+
+    def _set(self, name, t, dim):
+        setattr(self, name, t)
+        self.n = t.shape[dim]
 
     def append(self, k, v, pos, valid):
         self.all_valid = self.all_valid and bool(valid.all())
-        if self.k is None:
-            self.k, self.v, self.pos, self.valid = k, v, pos, valid
-        else:
-            self.k = torch.cat([self.k, k], 2)
-            self.v = torch.cat([self.v, v], 2)
-            self.pos = torch.cat([self.pos, pos], 1)
-            self.valid = torch.cat([self.valid, valid], 1)
+        t = k.shape[2]
+        if self._k is None:
+            self._k, self._v, self._pos, self._valid = k, v, pos, valid
+            self.n = t
+            return k, v, pos, valid
+        n, cap = self.n, self._k.shape[2]
+        if n + t > cap:
+            new_cap = max(2 * cap, n + t, 64)
+            self._k = self._grow(self._k, 2, new_cap)
+            self._v = self._grow(self._v, 2, new_cap)
+            self._pos = self._grow(self._pos, 1, new_cap)
+            self._valid = self._grow(self._valid, 1, new_cap)
+        self._k.narrow(2, n, t).copy_(k)
+        self._v.narrow(2, n, t).copy_(v)
+        self._pos.narrow(1, n, t).copy_(pos)
+        self._valid.narrow(1, n, t).copy_(valid)
+        self.n = n + t
         return self.k, self.v, self.pos, self.valid
+
+    def _grow(self, t, dim, cap):
+        shape = list(t.shape)
+        shape[dim] = cap
+        out = t.new_empty(shape)
+        out.narrow(dim, 0, self.n).copy_(t.narrow(dim, 0, self.n))
+        return out
 
     @property
     def length(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
+        return self.n
 
 
 class KVCache:
