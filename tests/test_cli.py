@@ -70,10 +70,11 @@ def trained(tmp_path_factory, sample_data):
 
 
 def test_eval_and_generate(trained):
-    res = run_cli("eval", str(trained), "--json", "--windows", "4", "--quiet")
+    res = run_cli("eval", str(trained), "--json", "--windows", "4", "--quiet", "--decode-speed")
     assert res.returncode == 0, res.stderr
     r = json.loads(res.stdout)
     assert r["ffn_active_fraction"] < 0.1 and r["bits_per_byte"] > 0 and r["perplexity"] > 1
+    assert r["decode_tok_per_s"] > 0
     res = run_cli("generate", str(trained), "--prompt", "To be or not", "--max-new-tokens", "8")
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("To be or not")

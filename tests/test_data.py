@@ -313,3 +313,28 @@ def test_fetch_failure_names_source_and_command(tmp_path: Path, monkeypatch: pyt
         sources.fetch_source("brown", tmp_path)
     assert list((tmp_path / "downloads").iterdir()) == []
     assert not (tmp_path / "raw" / "brown").exists()
+
+
+def test_prepare_with_a_fixed_tokenizer(tmp_path: Path, sample_dir: Path) -> None:
+    """--tokenizer: token files in an existing vocabulary (an imported model's), no BPE training."""
+    from tokenizers import Tokenizer
+
+    from treeffn.errors import DataError
+
+    path = tmp_path / "book.txt"
+    text = _sample_text()[:20_000]
+    path.write_text(text, encoding="utf-8")
+    meta = prepare(tmp_path / "out", sources=(), text_paths=[path], tokenizer=sample_dir, progress=False)
+    ref = Tokenizer.from_file(str(sample_dir / "tokenizer.json"))
+    assert meta["vocab_size"] == ref.get_vocab_size()
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() != b""
+    ids = np.fromfile(tmp_path / "out" / "train.bin", dtype=meta["dtype"])
+    first = meta["documents"]["train"][0]
+    assert ids[0] == meta["eot_id"]
+    decoded = ref.decode(ids[1:1 + first["tokens"]].tolist())  # the given vocabulary decodes the document
+    assert len(decoded) > 100 and decoded in text
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json", encoding="utf-8")
+    with pytest.raises(DataError, match="not a tokenizers JSON"):
+        prepare(tmp_path / "out2", sources=(), text_paths=[path], tokenizer=bad, progress=False)
+    assert not (tmp_path / "out2").exists()

@@ -90,3 +90,25 @@ def test_bf16_autocast_accumulation_and_tensorboard(tmp_path, sample_data):
     assert list((tmp_path / "r" / "tb").glob("events.out.tfevents.*")), "no TensorBoard event file written"
     recs = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["aux_loss"] > 0 for r in recs if "aux_loss" in r), "MoE balancing loss missing from the log"
+
+
+def test_init_fine_tunes_with_shorter_context_and_frozen_attention(tmp_path, sample_data):
+    from treeffn.errors import ConfigError
+
+    base = _cfg(**{"train.max_steps": 2})
+    train(base, tmp_path / "base", sample_data, progress=False, tensorboard=False)
+    start = ckpt.load_model(tmp_path / "base").state_dict()
+    cfg = _cfg(**{"train.max_steps": 3, "model.seq_len": base.model.seq_len // 2, "train.lr": 1e-2})
+    train(cfg, tmp_path / "ft", sample_data, progress=False, tensorboard=False, init=tmp_path / "base",
+          freeze="attn")
+    tuned = ckpt.load_model(tmp_path / "ft")
+    assert tuned.cfg.model.seq_len == base.model.seq_len // 2
+    assert tuned.blocks[0].attn.rotary.table.shape[0] == base.model.seq_len // 2
+    after = tuned.state_dict()
+    frozen = [n for n in start if ".attn." in n or n.startswith("tok_emb") or "norm" in n]
+    moved = [n for n in start if n not in frozen and not torch.equal(start[n], after[n])]
+    assert frozen and all(torch.equal(start[n], after[n]) for n in frozen), "frozen weights changed"
+    assert any(".ffn." in n for n in moved), "feed-forward weights did not train"
+    with pytest.raises(ConfigError, match="differs"):
+        train(_cfg(**{"model.d_model": 2 * base.model.d_model}), tmp_path / "bad", sample_data, progress=False,
+              tensorboard=False, init=tmp_path / "base")

@@ -74,7 +74,8 @@ def cmd_data_prepare(args) -> int:
         print(f"sample data ready in {out}")
         return 0
     sources = [] if (args.text and not args.sources) else (args.sources.split(",") if args.sources else None)
-    kwargs = {"text_paths": args.text or None, "vocab_size": args.vocab_size or 8192, "progress": not args.quiet}
+    kwargs = {"text_paths": args.text or None, "vocab_size": args.vocab_size or 8192, "progress": not args.quiet,
+              "tokenizer": args.tokenizer}
     if sources is not None:
         kwargs["sources"] = tuple(s for s in sources if s)
     out = Path(args.out) if args.out else data.default_data_dir()
@@ -118,6 +119,13 @@ def cmd_eval(args) -> int:
     data = None if args.data is None else resolve_data(args.data)
     res = evaluate_checkpoint(args.dir, data, windows=args.windows, batch_size=args.batch_size, device=args.device,
                               progress=not args.quiet)
+    if args.decode_speed:
+        from .checkpoint import load_model
+        from .evaluate import decode_speed
+
+        model = load_model(args.dir)
+        half = min(64, model.cfg.model.seq_len // 2)  # short contexts: half prompt, half new tokens
+        res["decode_tok_per_s"] = decode_speed(model, prompt_len=half, new_tokens=half)
     if args.json:
         print(json.dumps(res))
     else:
@@ -200,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "(repeatable); replaces the default sources unless --sources is given")
     dp.add_argument("--sources", help="comma-separated default sources to include: shakespeare,brown,bible,austen")
     dp.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size (default 8192; 512 for --sample)")
+    dp.add_argument("--tokenizer", metavar="PATH",
+                    help="use this tokenizer.json (or a checkpoint folder's) instead of training a BPE, e.g. to "
+                         "fine-tune an imported model: `--tokenizer runs/smollm2`")
     dp.add_argument("--out", help="output directory (default: ~/.cache/treeffn/data/default)")
     dp.add_argument("--sample", action="store_true", help="prepare only the small committed text sample (seconds)")
     dp.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -227,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--windows", type=int, default=0, help="number of validation windows (default: all)")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--device", default="auto")
+    e.add_argument("--decode-speed", action="store_true",
+                   help="also measure greedy decoding tokens/s (batch 1, 64-token prompt, 64 new tokens, KV cache; "
+                        "half the context each for shorter contexts)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
@@ -259,8 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "shape and training width on the same tokens, evaluate both and print a "
                                     "side-by-side table and a sample from each.")
     dm.add_argument("--preset", default="tiny")
-    dm.add_argument("--steps", type=int, default=300,
-                    help="training steps per model (default 300: both models train in about 20 minutes on 2 cores)")
+    dm.add_argument("--steps", type=int, default=200,
+                    help="training steps per model (default 200: the whole demo takes about 15 minutes on 2 cores)")
     _data_arg(dm)
     dm.add_argument("--out", default="runs/demo", help="where the two runs go (default runs/demo)")
     dm.add_argument("--quiet", action="store_true")

@@ -226,6 +226,23 @@ def split_documents(
 # Tokenizer and token files
 
 
+def load_fixed_tokenizer(path: str | os.PathLike[str]) -> Tokenizer:
+    """An existing ``tokenizer.json`` (or a checkpoint folder holding one), e.g. to fine-tune an imported model on
+    this corpus with its own vocabulary. It must know ``<|endoftext|>``, the document separator."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise DataError(f"tokenizer file not found: {p}")
+    try:
+        tokenizer = Tokenizer.from_file(str(p))
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exceptions for bad files
+        raise DataError(f"{p} is not a tokenizers JSON file ({str(exc).splitlines()[0] if str(exc) else exc})")
+    if tokenizer.token_to_id(EOT_TOKEN) is None:
+        raise DataError(f"tokenizer {p} has no {EOT_TOKEN} token, which separates documents in the token files")
+    return tokenizer
+
+
 def train_tokenizer(texts: Sequence[str], vocab_size: int, progress: bool) -> Tokenizer:
     """A byte-level BPE tokenizer (GPT-2 style pre-tokenisation, lossless) with ``<|endoftext|>`` as id 0."""
     tokenizer = Tokenizer(models.BPE())
@@ -360,7 +377,10 @@ def _build(
     train, val = split_documents(docs, params["val_fraction"], params["seed"])
     if not val:
         raise DataError("cannot hold out a validation document: the corpus has fewer than two documents")
-    tokenizer = train_tokenizer([d.text for d in train], params["vocab_size"], progress)
+    if params.get("tokenizer"):
+        tokenizer = load_fixed_tokenizer(params["tokenizer"]["path"])
+    else:
+        tokenizer = train_tokenizer([d.text for d in train], params["vocab_size"], progress)
     tokenizer.save(str(tmp / "tokenizer.json"))
     if hasattr(tokenizer, "encode_special_tokens"):
         # Corpus text that happens to spell "<|endoftext|>" stays text; only our separators are end-of-text ids.
@@ -453,14 +473,25 @@ def prepare(
     cache_dir: str | os.PathLike[str] | None = None,
     seed: int = 0,
     progress: bool = True,
+    tokenizer: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Prepare a training corpus from named sources and/or user text; returns meta.json plus ``data_dir``/``reused``.
 
     ``text_paths`` may name UTF-8 text files (one document each), ``.jsonl`` files (one document per line, from its
     ``text`` field) and folders (searched recursively for *.txt, *.md and *.jsonl). ``out_dir`` defaults to
     :func:`default_data_dir`. A dataset already there with the same parameters and inputs is returned untouched.
+    ``tokenizer`` (a ``tokenizer.json`` or a checkpoint folder) replaces BPE training: the token files then use that
+    vocabulary, and ``vocab_size`` is ignored.
     """
-    _check_params(vocab_size, val_fraction)
+    fixed = None
+    if tokenizer is not None:
+        tok = load_fixed_tokenizer(tokenizer)
+        path = Path(tokenizer).expanduser()
+        path = path / "tokenizer.json" if path.is_dir() else path
+        fixed = {"path": str(path.resolve()), "sha256": _sha256_file(path)}
+        vocab_size = tok.get_vocab_size()
+    else:
+        _check_params(vocab_size, val_fraction)
     sources = tuple(sources or ())
     specs = source_specs()
     unknown = [s for s in sources if s not in specs]
@@ -483,6 +514,8 @@ def prepare(
         "val_fraction": val_fraction,
         "seed": seed,
     }
+    if fixed is not None:
+        params["tokenizer"] = fixed
 
     def gather() -> tuple[list[Document], dict[str, str]]:
         from tqdm.auto import tqdm

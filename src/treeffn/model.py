@@ -252,6 +252,14 @@ class GPT(nn.Module):
         active = sum(f.active_units() for f in ffns) / len(ffns)
         return {"total": total, "active": active, "fraction": active / total}
 
+    def set_context(self, seq_len: int) -> None:
+        """Resize the rotary tables to ``seq_len`` positions (the weights do not depend on the context length)."""
+        self.cfg.model.seq_len = seq_len
+        for mod in self.modules():
+            if isinstance(mod, Rotary):
+                mod.max_pos = seq_len
+                mod.reset_buffers()
+
     def flops_per_token(self, context: int | None = None) -> dict:
         """Analytic inference FLOPs per token (2 per multiply-add), averaged over a causal sequence of ``context``.
 

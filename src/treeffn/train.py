@@ -9,6 +9,7 @@ give the result of 1 process on the same global batch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -235,9 +236,15 @@ def train(cfg: Config, out_dir: str | Path, data_dir: str | Path, resume: bool =
     if init is not None:
         model = ckpt.load_model(init, device=dev)
         icfg = model.cfg
-        if (icfg.model, icfg.ffn, icfg.tree, icfg.moe, icfg.mod) != (cfg.model, cfg.ffn, cfg.tree, cfg.moe, cfg.mod):
-            raise ConfigError(f"--init {init}: its model config differs from the requested one")
+        # The context length shapes no weight: fine-tuning may change it (e.g. train an imported 8k-context model
+        # on 256-token windows).
+        same = dataclasses.replace(icfg.model, seq_len=cfg.model.seq_len)
+        if (same, icfg.ffn, icfg.tree, icfg.moe, icfg.mod) != (cfg.model, cfg.ffn, cfg.tree, cfg.moe, cfg.mod):
+            raise ConfigError(f"--init {init}: its model config differs from the requested one (only train.* and "
+                              "model.seq_len may change)")
         model.cfg = cfg
+        if icfg.model.seq_len != cfg.model.seq_len:
+            model.set_context(cfg.model.seq_len)
         model.train()
     else:
         with torch.device(dev):
