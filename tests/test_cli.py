@@ -75,6 +75,10 @@ def test_eval_and_generate(trained):
     r = json.loads(res.stdout)
     assert r["ffn_active_fraction"] < 0.1 and r["bits_per_byte"] > 0 and r["perplexity"] > 1
     assert r["decode_tok_per_s"] > 0
+    res = run_cli("eval", str(trained), "--json", "--windows", "2", "--quiet", "--context", "16")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["val_context"] == 16
+    user_error(run_cli("eval", str(trained), "--quiet", "--context", "100000"), "context")
     res = run_cli("generate", str(trained), "--prompt", "To be or not", "--max-new-tokens", "8")
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("To be or not")

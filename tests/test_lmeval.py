@@ -193,6 +193,13 @@ def test_eval_tasks_two_tasks(ckpt, bench, tmp_path, shots, capsys):
     assert res["config"]["treeffn"]["shots"] == shots
 
 
+def test_eval_tasks_at_another_context(ckpt, bench, tmp_path):
+    out = tmp_path / "results.json"
+    assert lmeval.run(_args(ckpt, "--tasks", "arc_easy", "--limit", 2, "--data-dir", bench, "--out", out,
+                            "--context", 32, "--quiet")) == 0
+    assert json.loads(out.read_text())["config"]["treeffn"]["max_length"] == 32
+
+
 def test_task_yamls_are_consistent():
     names = lmeval.task_names()
     assert set(names) == {"arc_easy", "arc_challenge", "piqa", "hellaswag", "boolq", "sciq", "winogrande",

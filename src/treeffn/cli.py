@@ -118,7 +118,7 @@ def cmd_eval(args) -> int:
 
     data = None if args.data is None else resolve_data(args.data)
     res = evaluate_checkpoint(args.dir, data, windows=args.windows, batch_size=args.batch_size, device=args.device,
-                              progress=not args.quiet)
+                              progress=not args.quiet, context=args.context)
     if args.decode_speed:
         from .checkpoint import load_model
         from .evaluate import decode_speed
@@ -237,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     _data_arg(e)
     e.add_argument("--windows", type=int, default=0, help="number of validation windows (default: all)")
     e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--context", type=int, default=0,
+                   help="window length in tokens (default: the model's context); compare models of different "
+                        "contexts at the same length")
     e.add_argument("--device", default="auto")
     e.add_argument("--decode-speed", action="store_true",
                    help="also measure greedy decoding tokens/s (batch 1, 64-token prompt, 64 new tokens, KV cache; "

@@ -23,8 +23,9 @@ def data_dir_of(folder: Path, override: str | Path | None = None) -> Path:
 
 
 def evaluate_checkpoint(path: str | Path, data: str | Path | None = None, windows: int = 0, batch_size: int = 8,
-                        device: str = "auto", progress: bool = True) -> dict:
-    """Validation metrics for a checkpoint on its data's validation split (``windows`` ≤ 0: all of it)."""
+                        device: str = "auto", progress: bool = True, context: int = 0) -> dict:
+    """Validation metrics for a checkpoint on its data's validation split (``windows`` ≤ 0: all of it), in windows
+    of the model's context, or of ``context`` tokens (at most the model's) to compare models of different contexts."""
     from .data import load_meta, load_tokens
     from .train import Batches, evaluate_loss, resolve_device
 
@@ -35,7 +36,12 @@ def evaluate_checkpoint(path: str | Path, data: str | Path | None = None, window
     meta = load_meta(ddir)
     if meta["vocab_size"] != model.cfg.model.vocab_size:
         raise DataError(f"data in {ddir} has vocabulary {meta['vocab_size']}, the model {model.cfg.model.vocab_size}")
-    val = Batches(load_tokens(ddir, "val"), model.cfg.model.seq_len, model.cfg.model.vocab_size)
+    T = model.cfg.model.seq_len
+    if context > 0:
+        if context > T:
+            raise DataError(f"--context {context} exceeds the model's context of {T}")
+        T = context
+    val = Batches(load_tokens(ddir, "val"), T, model.cfg.model.vocab_size)
     loss, ntok = evaluate_loss(model, val, windows, batch_size, dev, progress=progress)
     units = model.ffn_units()
     flops = model.flops_per_token()
@@ -47,6 +53,7 @@ def evaluate_checkpoint(path: str | Path, data: str | Path | None = None, window
         "perplexity": math.exp(loss),
         "bits_per_byte": loss / math.log(2) / bytes_per_token,
         "val_tokens_scored": ntok,
+        "val_context": T,
         "params": model.num_params(),
         "params_non_embedding": model.num_params(exclude_embeddings=True),
         "ffn_units_total": units["total"],

