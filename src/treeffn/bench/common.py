@@ -1,7 +1,9 @@
-"""Shared helpers for benchmarks: timing with warm-up and repeats, environment record, table printing."""
+"""Shared helpers for benchmarks: timing with warm-up and repeats, environment record, table printing, argument
+parsers and the dense MLP baseline."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -9,6 +11,8 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 
 def timeit(fn, repeats: int = 5, warmup: int = 1, min_time: float = 0.0) -> float:
@@ -46,3 +50,44 @@ def print_table(headers: list[str], rows: list[list]) -> None:
 
 def print_json(name: str, results, **extra) -> None:
     print(json.dumps({"benchmark": name, "env": environment(), **extra, "results": results}))
+
+
+def parse_configs(text: str) -> list[tuple[int, int]]:
+    """argparse type: "1x11,16x7" -> [(1, 11), (16, 7)] (K trees × depth)."""
+    out = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        if not item:
+            continue
+        try:
+            k, d = item.split("x")
+            out.append((int(k), int(d)))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad config '{item}': expected KxDEPTH, e.g. 1x11") from None
+        if out[-1][0] < 1 or out[-1][1] < 0:
+            raise argparse.ArgumentTypeError(f"bad config '{item}': K ≥ 1 and depth ≥ 0")
+    if not out:
+        raise argparse.ArgumentTypeError("no configs given")
+    return out
+
+
+def parse_ints(text: str) -> list[int]:
+    """argparse type: "1,16,256" -> [1, 16, 256], positive integers."""
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad integer list '{text}'") from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError("expected positive integers")
+    return vals
+
+
+class DenseMLP(nn.Module):
+    """Linear → GELU → Linear: the dense transformer MLP (2 GEMMs), as the benchmarks' baseline."""
+
+    def __init__(self, d: int, hidden: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))

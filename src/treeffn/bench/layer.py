@@ -48,34 +48,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .common import DenseMLP, parse_configs, parse_ints
+
 MOE_EXPERTS = 16
 POOL = 8
 
 
-def _parse_configs(text: str) -> list[tuple[int, int]]:
-    out = []
-    for item in text.split(","):
-        item = item.strip().lower()
-        if not item:
-            continue
-        try:
-            k, d = item.split("x")
-            out.append((int(k), int(d)))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"bad config '{item}': expected KxDEPTH, e.g. 1x11") from None
-    if not out:
-        raise argparse.ArgumentTypeError("no configs given")
-    return out
 
-
-def _parse_ints(text: str) -> list[int]:
-    try:
-        vals = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad integer list '{text}'") from None
-    if not vals or min(vals) < 1:
-        raise argparse.ArgumentTypeError("batches must be positive integers")
-    return vals
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,9 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "Prints a table of µs per call and speed-up over the dense layer of equal training width, then "
                     "one JSON line.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--configs", type=_parse_configs, default="1x11,16x7,32x6",
+    p.add_argument("--configs", type=parse_configs, default="1x11,16x7,32x6",
                    help="comma-separated KxDEPTH tree configurations (K trees of the given depth, 1 unit per node)")
-    p.add_argument("--batches", type=_parse_ints, default="1,16,256,2048", help="comma-separated batch sizes M")
+    p.add_argument("--batches", type=parse_ints, default="1,16,256,2048", help="comma-separated batch sizes M")
     p.add_argument("--repeats", type=int, default=50, help="timed calls per measurement (median reported)")
     p.add_argument("--budget-s", type=float, default=2.0,
                    help="stop timing a measurement after this many seconds (at least 3 calls are always timed)")
@@ -102,17 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-fff", action="store_true", help="do not time the fastfeedforward package")
     p.add_argument("--seed", type=int, default=0, help="random seed for weights and inputs")
     return p
-
-
-class DenseMLP(nn.Module):
-    """Linear → GELU → Linear: the dense transformer MLP (2 GEMMs)."""
-
-    def __init__(self, d: int, hidden: int):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
 
 
 class MoETop1(nn.Module):

@@ -44,40 +44,16 @@ import time
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .common import DenseMLP, parse_configs, parse_ints
 
 POOL = 2
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 IMPLS = ("dense", "tree-cpp", "tree-torch", "reference")
 
 
-def _parse_configs(text: str) -> list[tuple[int, int]]:
-    out = []
-    for item in text.split(","):
-        item = item.strip().lower()
-        if not item:
-            continue
-        try:
-            k, d = item.split("x")
-            out.append((int(k), int(d)))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"bad config '{item}': expected KxDEPTH, e.g. 1x11") from None
-        if out[-1][0] < 1 or out[-1][1] < 0:
-            raise argparse.ArgumentTypeError(f"bad config '{item}': K ≥ 1 and depth ≥ 0")
-    if not out:
-        raise argparse.ArgumentTypeError("no configs given")
-    return out
 
-
-def _parse_ints(text: str) -> list[int]:
-    try:
-        vals = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad integer list '{text}'") from None
-    if not vals or min(vals) < 1:
-        raise argparse.ArgumentTypeError("expected positive integers")
-    return vals
 
 
 def _parse_choices(choices):
@@ -99,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "MLP, then one JSON line. Restrict the grid for a quick run, e.g. "
                     "--d-model 768 --configs 16x7 --dtypes fp32 --repeats 3.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--d-model", type=_parse_ints, default="512,768", help="comma-separated model widths D")
-    p.add_argument("--configs", type=_parse_configs, default="1x11,8x8,16x7,32x6",
+    p.add_argument("--d-model", type=parse_ints, default="512,768", help="comma-separated model widths D")
+    p.add_argument("--configs", type=parse_configs, default="1x11,8x8,16x7,32x6",
                    help="comma-separated KxDEPTH tree configurations (K trees of the given depth, 1 unit per node)")
     p.add_argument("--dtypes", type=_parse_choices(tuple(DTYPES)), default="fp32,bf16",
                    help="comma-separated dtypes of weights and activations (bf16 tree kernels accumulate in fp32)")
@@ -120,17 +96,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: keep the current setting)")
     p.add_argument("--seed", type=int, default=0, help="random seed for weights and inputs")
     return p
-
-
-class DenseMLP(nn.Module):
-    """Linear → GELU → Linear: the dense transformer MLP."""
-
-    def __init__(self, d: int, hidden: int):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
-
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
 
 
 def _time(step, inputs, warmup: int, repeats: int, budget_s: float) -> dict:
