@@ -9,6 +9,7 @@ import os
 import platform
 import statistics
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -91,3 +92,21 @@ class DenseMLP(nn.Module):
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x)))
+
+
+def loadavg() -> float | None:
+    """1-minute load average (other processes competing for the cores), or None where the platform has none."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
+def drop_unbuilt_cpp(impls: list[str], extension, notes: list[str]) -> None:
+    """Remove "tree-cpp" from ``impls`` (with a note) when its C++ extension cannot be built."""
+    if "tree-cpp" in impls:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if extension() is None:
+                impls.remove("tree-cpp")
+                notes.append("tree-cpp skipped: the C++ extension could not be built")

@@ -42,13 +42,12 @@ import platform
 import statistics
 import sys
 import time
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import DenseMLP, parse_configs, parse_ints
+from .common import DenseMLP, drop_unbuilt_cpp, loadavg, parse_configs, parse_ints
 
 MOE_EXPERTS = 16
 POOL = 8
@@ -137,13 +136,6 @@ def _time(fn, inputs: list[torch.Tensor], repeats: int, budget_s: float) -> tupl
     return statistics.median(times) * 1e6, min(times) * 1e6
 
 
-def _loadavg() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (OSError, AttributeError):  # not on every platform
-        return None
-
-
 def _versions() -> dict:
     info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
             "machine": platform.machine(), "cpu_count": os.cpu_count()}
@@ -169,12 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     D = args.d_model
     notes = []
 
-    if "tree-cpp" in impls:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if extension() is None:
-                impls.remove("tree-cpp")
-                notes.append("tree-cpp skipped: the C++ extension could not be built")
+    drop_unbuilt_cpp(impls, extension, notes)
     FFF = None
     if "fff" in impls:
         if args.skip_fff:
@@ -191,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
           f"cpu_count={info['cpu_count']} fastfeedforward={info['fastfeedforward']}")
     print("µs per call: median and min over the timed calls; ratio = dense-train µs / impl µs (median, and min/min);"
           " ideal = K·N/(K·L) units read per token")
-    load0 = _loadavg()
+    load0 = loadavg()
     results = []
     gen = torch.Generator().manual_seed(args.seed)
     header = (f"{'config':>7} {'batch':>6} {'impl':>12} {'µs median':>12} {'µs min':>12} {'ratio':>9} "
@@ -244,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             print()
     for n in notes:
         print("note:", n)
-    load1 = _loadavg()
+    load1 = loadavg()
     if load0 is not None and max(load0, load1) > 0.5 * (info["cpu_count"] or 1):
         print(f"note: 1-min load average {load0:.1f} at start, {load1:.1f} at end on {info['cpu_count']} CPUs: other "
               "processes competed for the cores; medians of multi-threaded calls suffer most (min is closer to an "

@@ -41,12 +41,11 @@ import platform
 import statistics
 import sys
 import time
-import warnings
 
 import torch
 from torch import nn
 
-from .common import DenseMLP, parse_configs, parse_ints
+from .common import DenseMLP, drop_unbuilt_cpp, loadavg, parse_configs, parse_ints
 
 POOL = 2
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -160,7 +159,7 @@ def _info() -> dict:
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
             "machine": platform.machine(), "cpu_count": os.cpu_count(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "loadavg_1m_at_start": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
+            "loadavg_1m_at_start": loadavg()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,12 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--tokens must be ≥ 1")
     impls = [i for i in IMPLS if i in args.impls and not (i == "reference" and args.skip_reference)]
     notes = []
-    if "tree-cpp" in impls:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if extension() is None:
-                impls.remove("tree-cpp")
-                notes.append("tree-cpp skipped: the C++ extension could not be built")
+    drop_unbuilt_cpp(impls, extension, notes)
     info = _info()
     M = args.tokens
     print(f"treeffn bench train-ffn: M={M} tokens, W=1, placement={args.placement}, threads={info['threads']}, "
