@@ -131,7 +131,7 @@ def test_prune_writes_a_smaller_loadable_checkpoint(tree_run, tmp_path, sample_d
         small(x)
         big = model.ffn_modules()[0]
         y0, p0 = tree_infer_torch(seen["x"], big.w_in, big.b_in, big.w_out, big.depth, big.activation,
-                                  big.placement, return_paths=True)
+                                  big.placement, return_paths=True, thr=big.route_threshold)
         y1, _ = small.ffn_modules()[0].walk(seen["x"])
     removed = counts[0] < min_visits
     for j in range(1, 63):

@@ -67,7 +67,7 @@ def layer_paths(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     if isinstance(layer, PrunedTreeFFN):
         return layer.original_paths(layer.walk(x)[1])
-    return tree_paths(x, layer.w_in, layer.b_in, layer.depth)
+    return tree_paths(x, layer.w_in, layer.b_in, layer.depth, layer.route_threshold)
 
 
 def layer_nodes(layer: nn.Module) -> int:

@@ -145,6 +145,12 @@ def load_tensors(file: Path) -> dict[str, torch.Tensor]:
 
 def load_state_into(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     expected = model.state_dict()
+    # Checkpoints written before tree.balance existed have no routing thresholds: zero thresholds route exactly as
+    # those models did (on the sign of the score).
+    state = dict(state)
+    for k in expected:
+        if k.endswith("route_threshold") and k not in state:
+            state[k] = torch.zeros_like(expected[k], device="cpu")
     tied = {k for k in expected if k == "lm_head.weight" and getattr(model.cfg.model, "tie_embeddings", False)}
     missing = [k for k in expected if k not in state and k not in tied]
     unexpected = [k for k in state if k not in expected]

@@ -56,6 +56,8 @@ class TreeConfig:
     activation: str = "gelu"
     placement: str = "node"  # node (UFB-23) | output (balanced, DS-26)
     bias: bool = True
+    balance: str = "threshold"  # threshold (per-node routing thresholds, docs/quality.md) | none (UFB-23 as published)
+    balance_rate: float = 0.1  # update rate of the thresholds towards the batch mean of each node's score
 
 
 @dataclass
@@ -197,6 +199,10 @@ class Config:
         _positive("tree.node_width", t.node_width)
         if t.depth < 0:
             raise ConfigError(f"tree.depth must be ≥ 0 (got {t.depth})")
+        if t.balance not in ("none", "threshold"):
+            raise ConfigError(f"tree.balance must be none or threshold (got '{t.balance}')")
+        if not 0.0 < t.balance_rate <= 1.0:
+            raise ConfigError(f"tree.balance_rate must be in (0, 1] (got {t.balance_rate})")
         if f.kind == "tree":
             params = 2 * t.trees * (2 ** (t.depth + 1) - 1) * t.node_width * m.d_model
             if t.depth > 24 or params > 2**31:
@@ -228,6 +234,8 @@ class Config:
         if f.kind == "tree":
             t = self.tree
             ffn = f"tree {t.trees}x{t.depth} w{t.node_width} {t.activation}/{t.placement}"
+            if t.balance != "none":
+                ffn += f" balance={t.balance}@{t.balance_rate:g}"
         elif f.kind == "moe":
             ffn = f"moe {self.moe.experts}e top-{self.moe.top_k} x{f.hidden}"
         else:

@@ -147,22 +147,39 @@ def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
 
 # ---- tree statistics ------------------------------------------------------------------------------------------
 class VisitWindow:
-    """Sums per-layer tree visit counts between two log points."""
+    """Per-layer tree statistics between two log points: visit counts are summed, routing diagnostics
+    (``layers.tree.routing_diagnostics``) averaged. Per-level diagnostics are logged as lists (metrics.jsonl) and
+    as their mean over levels (a scalar, also in TensorBoard)."""
 
     def __init__(self):
         self.counts: dict[int, torch.Tensor] = {}
+        self.diag: dict[int, dict[str, torch.Tensor]] = {}
+        self.n_diag: dict[int, int] = {}
 
     def add(self, stats: list[dict]) -> None:
         for i, s in enumerate(stats):
             if "tree_visits" in s:
                 c = s["tree_visits"].detach().cpu()
                 self.counts[i] = self.counts[i] + c if i in self.counts else c.clone()
+            if "tree_diag" in s:
+                d = {k: v.detach().cpu().double() for k, v in s["tree_diag"].items()}
+                acc = self.diag.get(i)
+                self.diag[i] = d if acc is None else {k: acc[k] + d[k] for k in d}
+                self.n_diag[i] = self.n_diag.get(i, 0) + 1
 
     def summary(self) -> dict:
         from .stats import tree_summary
 
         out = {f"tree/{k}/layer{i}": v for i, c in self.counts.items() for k, v in tree_summary(c).items()}
-        self.counts = {}
+        for i, d in self.diag.items():
+            for k, v in d.items():
+                v = v / self.n_diag[i]
+                if v.dim() == 0:
+                    out[f"tree/{k}/layer{i}"] = float(v)
+                else:
+                    out[f"tree/{k}/layer{i}"] = float(v.mean())
+                    out[f"tree/{k}_levels/layer{i}"] = [round(float(e), 6) for e in v]
+        self.counts, self.diag, self.n_diag = {}, {}, {}
         return out
 
 

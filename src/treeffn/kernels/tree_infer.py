@@ -2,7 +2,10 @@
 
 Shapes: M tokens, D model width, K trees, L = depth + 1 levels, N = 2^L − 1 nodes per tree, W units per node.
 
-    x (M, D);  w_in, w_out (K, N, W, D);  b_in (K, N, W) or None  ->  y (M, D) in x's dtype, paths (M, K, L) int64
+    x (M, D);  w_in, w_out (K, N, W, D);  b_in (K, N, W) or None;  thr (K, N) or None
+    ->  y (M, D) in x's dtype, paths (M, K, L) int64
+
+``thr`` holds per-node routing thresholds (``tree.balance``): right child iff Σ_w λ > thr_j (0 without it).
 
 The maths (routing on the sign of a node's summed responses, "node" and "output" placements) is defined in
 :mod:`treeffn.layers.tree`; ``tree_reference`` there is the slow ground truth both paths here are tested against.
@@ -59,6 +62,7 @@ def tree_infer(
     placement: str = "node",
     return_paths: bool = False,
     impl: str = "auto",
+    thr: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Tree layer output for x (M, D): ``(y (M, D), paths (M, K, L) int64 or None)``. See the module docstring."""
     # Hot path: a batch-1 call must stay within a few microseconds, so checks are cheap attribute reads; shape and
@@ -76,19 +80,19 @@ def tree_infer(
         ext = _ext if _ext_tried else extension()
         # x.is_cpu is ~10x cheaper than x.device.type; w_out's dtype and all shapes are checked in C++.
         if ext is None or not x.is_cpu or x.dtype not in _CPP_DTYPES or w_in.dtype not in _CPP_DTYPES:
-            return tree_infer_torch(x, w_in, b_in, w_out, depth, activation, placement, return_paths)
+            return tree_infer_torch(x, w_in, b_in, w_out, depth, activation, placement, return_paths, thr)
     elif impl == "cpp":
         ext = _ext if _ext_tried else extension()
         if ext is None:
             raise RuntimeError("tree_infer: the C++ kernel could not be built (see the warning above); "
                                "use impl='torch'")
     elif impl == "torch":
-        return tree_infer_torch(x, w_in, b_in, w_out, depth, activation, placement, return_paths)
+        return tree_infer_torch(x, w_in, b_in, w_out, depth, activation, placement, return_paths, thr)
     else:
         raise ConfigError(f"unknown tree_infer impl '{impl}'; choose one of auto, cpp, torch")
     if return_paths:
-        return ext.infer_paths(x, w_in, b_in, w_out, depth, act, place)
-    return ext.infer(x, w_in, b_in, w_out, depth, act, place), None
+        return ext.infer_paths(x, w_in, b_in, w_out, depth, act, place, thr)
+    return ext.infer(x, w_in, b_in, w_out, depth, act, place, thr), None
 
 
 # Bound on gathered elements per level (chunk of tokens × K × W × D), ~64 MiB of fp32: the walk gathers one row
@@ -106,6 +110,7 @@ def tree_infer_torch(
     activation: str = "gelu",
     placement: str = "node",
     return_paths: bool = False,
+    thr: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Batched path walk in plain PyTorch ops (any device). Accumulates in fp32 whatever the input dtypes."""
     if placement not in _PLACEMENT_CODE:
@@ -122,6 +127,7 @@ def tree_infer_torch(
     u_rows = w_in.reshape(K * N, W * D)
     v_rows = w_out.reshape(K * N, W * D)
     b_rows = b_in.reshape(K * N, W) if b_in is not None else None
+    thr_rows = thr.reshape(K * N).float() if thr is not None else None
     y = torch.empty(M, D, dtype=x.dtype, device=dev)
     paths = torch.empty(M, K, L, dtype=torch.long, device=dev) if return_paths else None
     tree_base = (torch.arange(K, device=dev) * N).view(1, K)  # (1, K) row offset of each tree
@@ -146,6 +152,7 @@ def tree_infer_torch(
                 acc = torch.baddbmm(acc.view(mc * K, 1, D), lam.view(mc * K, 1, W),
                                     v.view(mc * K, W, D)).view(mc, K, D)
             if t < depth:
-                node = 2 * node + 1 + (lam.sum(-1) > 0).long()
+                cut = 0.0 if thr_rows is None else thr_rows.index_select(0, idx).view(mc, K)
+                node = 2 * node + 1 + (lam.sum(-1) > cut).long()
         y[m0:m0 + mc] = acc if placement == "node" else phi(acc).sum(1)
     return y, paths

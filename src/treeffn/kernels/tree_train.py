@@ -6,7 +6,11 @@ with DS-26's two placements of φ (Sedghi et al., arXiv 2604.08565); :mod:`treef
 
 Shapes: M tokens, D model width, K trees, L = depth + 1 levels, N = 2^L − 1 nodes per tree, W units per node.
 
-    x (M, D);  w_in, w_out (K, N, W, D);  b_in (K, N, W) or None  ->  y (M, D) in x's dtype, paths (M, K, L) int64
+    x (M, D);  w_in, w_out (K, N, W, D);  b_in (K, N, W) or None;  thr (K, N) or None
+    ->  y (M, D) in x's dtype, paths (M, K, L) int64 [, lam (M, K, L, W) responses of the visited units, no grad]
+
+``thr`` holds routing thresholds (``tree.balance``): a token goes right at node j iff Σ_w λ > thr_j (0 without
+it). They only move the routing decision, so they receive no gradient and leave the formulas below unchanged.
 
 Gradients (hard routing, stop-gradient on the path; G_mk is the upstream gradient of tree k's D-vector sum, i.e.
 dy_m for ``"node"`` and φ'(z_mk) ⊙ dy_m for ``"output"``; g = ∂loss/∂λ for one visited unit)::
@@ -72,8 +76,11 @@ def tree_train(
     activation: str = "gelu",
     placement: str = "node",
     impl: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Differentiable tree layer on x (M, D): ``(y (M, D), paths (M, K, L) int64, no grad)``.
+    thr: torch.Tensor | None = None,
+    return_lam: bool = False,
+):
+    """Differentiable tree layer on x (M, D): ``(y (M, D), paths (M, K, L) int64, no grad)``, and with
+    ``return_lam`` also the visited units' responses λ (M, K, L, W) (detached; what routing statistics need).
 
     Equal in value and gradient (w.r.t. x, w_in, b_in, w_out) to ``tree_reference``; see the module docstring.
     Weights of another dtype than x are cast to x's dtype first (the cast is part of the autograd graph).
@@ -92,6 +99,10 @@ def tree_train(
         raise ConfigError(f"tree_train: w_in {tuple(w_in.shape)} does not match depth {depth} and x {tuple(x.shape)}")
     if b_in is not None and b_in.shape != (K, N, W):
         raise ConfigError(f"tree_train: b_in {tuple(b_in.shape)} should be {(K, N, W)}")
+    if thr is not None:
+        if thr.shape != (K, N):
+            raise ConfigError(f"tree_train: routing threshold {tuple(thr.shape)} should be {(K, N)}")
+        thr = thr.detach().float().contiguous()
 
     dt = x.dtype
     w_in, w_out = w_in.to(dt).contiguous(), w_out.to(dt).contiguous()
@@ -112,29 +123,30 @@ def tree_train(
     else:
         use_cpp = False
     fn = _TreeTrainCpp if use_cpp else _TreeTrainTorch
-    return fn.apply(x, w_in, b_in, w_out, depth, act, place)
+    y, paths, lam = fn.apply(x, w_in, b_in, w_out, depth, act, place, thr)
+    return (y, paths, lam) if return_lam else (y, paths)
 
 
 # ---- C++ path -------------------------------------------------------------------------------------------------------
 
 class _TreeTrainCpp(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w_in, b_in, w_out, depth, act, place):
-        y, paths, lam = extension().forward(x, w_in, b_in, w_out, depth, act, place)
+    def forward(ctx, x, w_in, b_in, w_out, depth, act, place, thr):
+        y, paths, lam = extension().forward(x, w_in, b_in, w_out, depth, act, place, thr)
         ctx.save_for_backward(x, w_in, b_in, w_out, paths, lam)
         ctx.depth, ctx.act, ctx.place = depth, act, place
-        ctx.mark_non_differentiable(paths)
-        return y, paths
+        ctx.mark_non_differentiable(paths, lam)
+        return y, paths, lam
 
     @staticmethod
-    def backward(ctx, dy, _dpaths):
+    def backward(ctx, dy, _dpaths, _dlam):
         x, w_in, b_in, w_out, paths, lam = ctx.saved_tensors
         need_x, need_u, need_b, need_v = ctx.needs_input_grad[:4]
         need_params = need_u or need_b or need_v
         dx, dw_in, db_in, dw_out = extension().backward(
             dy.contiguous(), x, w_in, b_in, w_out, paths, lam, ctx.depth, ctx.act, ctx.place, need_x, need_params)
         return (dx if need_x else None, dw_in if need_u else None, db_in if need_b else None,
-                dw_out if need_v else None, None, None, None)
+                dw_out if need_v else None, None, None, None, None)
 
 
 # ---- PyTorch path ---------------------------------------------------------------------------------------------------
@@ -211,7 +223,7 @@ def _csr_t_mm(values: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int
 
 class _TreeTrainTorch(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w_in, b_in, w_out, depth, act, place):
+    def forward(ctx, x, w_in, b_in, w_out, depth, act, place, thr):
         M, D = x.shape
         K, N, W, _ = w_in.shape
         L = depth + 1
@@ -234,7 +246,8 @@ class _TreeTrainTorch(torch.autograd.Function):
                     lt = lt + b_rows.index_select(0, (node + tree_base).reshape(-1)).view(mc, K, W).to(cdt)
                 lam[m0:m0 + mc, :, t] = lt
                 if t < depth:
-                    node = 2 * node + 1 + (lt.sum(-1) > 0).long()
+                    cut = 0.0 if thr is None else thr.view(-1)[node + tree_base].to(cdt)  # (Mc, K)
+                    node = 2 * node + 1 + (lt.sum(-1) > cut).long()
         cols = _unit_columns(paths, N, W)
         v_all = w_out.reshape(K * N * W, D).to(cdt)
         if place == 0:  # y = Σ φ(λ) v: one sparse product, tokens × visited units
@@ -249,11 +262,11 @@ class _TreeTrainTorch(torch.autograd.Function):
                 y[m0:m0 + mc] = phi(z.view(mc, K, D)).sum(1).to(x.dtype)
         ctx.save_for_backward(x, w_in, b_in, w_out, paths, lam)
         ctx.depth, ctx.act, ctx.place = depth, act, place
-        ctx.mark_non_differentiable(paths)
-        return y, paths
+        ctx.mark_non_differentiable(paths, lam)
+        return y, paths, lam
 
     @staticmethod
-    def backward(ctx, dy, _dpaths):
+    def backward(ctx, dy, _dpaths, _dlam):
         x, w_in, b_in, w_out, paths, lam = ctx.saved_tensors
         need_x, need_u, need_b, need_v = ctx.needs_input_grad[:4]
         need_b = need_b and b_in is not None
@@ -300,4 +313,4 @@ class _TreeTrainTorch(torch.autograd.Function):
             gb = torch.zeros(KNW, dtype=cdt, device=dev)
             gb.index_put_((cols,), g.reshape(-1), accumulate=True)
             db_in = gb.view(K, N, W).to(b_in.dtype)
-        return dx, dw_in, db_in, dw_out, None, None, None
+        return dx, dw_in, db_in, dw_out, None, None, None, None

@@ -47,7 +47,8 @@ def _moe(cfg) -> nn.Module:
 @register_ffn("tree")
 def _tree(cfg) -> nn.Module:
     t = cfg.tree
-    return TreeFFN(cfg.model.d_model, t.trees, t.depth, t.node_width, t.activation, t.placement, t.bias)
+    return TreeFFN(cfg.model.d_model, t.trees, t.depth, t.node_width, t.activation, t.placement, t.bias,
+                   balance=t.balance, balance_rate=t.balance_rate)
 
 
 def build_ffn(cfg) -> nn.Module:

@@ -14,8 +14,10 @@ Compact form (all persistent, so a pruned checkpoint is ordinary safetensors + c
     child        (P, 2)      slot of the node reached on "left" / "right", or −1: the walk of that tree ends here
     root         (K,)        slot of each tree's root, or −1 when the whole tree was removed
     node_id      (P,)        original node k·N + j of the slot, −1 for padding (statistics map back through it)
+    route_threshold (P,)     the node's routing threshold (``tree.balance``; 0 for the faithful layer), fp32
 
-Routing is exactly :class:`~treeffn.layers.tree.TreeFFN`'s (right iff Σ_w λ > 0, stop-gradient) on the kept nodes.
+Routing is exactly :class:`~treeffn.layers.tree.TreeFFN`'s in evaluation (right iff Σ_w λ > c, c the node's stored
+routing threshold, stop-gradient) on the kept nodes; the thresholds are frozen here (no batch statistics).
 What a token does when its routing decision points at a removed child is baked into ``child`` at prune time:
 
 * ``"sibling"`` (default) — it goes to the surviving sibling and keeps walking: a node with one live child no longer
@@ -77,6 +79,7 @@ class PrunedTreeFFN(nn.Module):
         self.register_buffer("child", torch.empty(P, 2, dtype=torch.long))
         self.register_buffer("root", torch.empty(trees, dtype=torch.long))
         self.register_buffer("node_id", torch.empty(P, dtype=torch.long))
+        self.register_buffer("route_threshold", torch.zeros(P))
         self.track_stats = False
         self.reset_parameters()
 
@@ -108,6 +111,7 @@ class PrunedTreeFFN(nn.Module):
         self.child.copy_(torch.stack([left, right], 1))
         self.root.copy_(torch.where(torch.arange(K) < P, torch.arange(K), torch.full((K,), -1)))
         self.node_id.copy_(torch.where(valid, k * N + j, torch.full_like(s, -1)))
+        self.route_threshold.zero_()
         a = 1.0 / math.sqrt(self.d_model)
         self.w_in.uniform_(-a, a)
         if self.b_in is not None:
@@ -153,6 +157,10 @@ class PrunedTreeFFN(nn.Module):
             self.b_in.zero_()
             if tree.b_in is not None:
                 self.b_in[:n] = tree.b_in.detach()[keep.to(tree.b_in.device)].to(dev, self.b_in.dtype)
+        self.route_threshold.zero_()
+        if getattr(tree, "route_threshold", None) is not None:
+            self.route_threshold[:n] = tree.route_threshold.detach()[keep.to(tree.route_threshold.device)].to(
+                self.route_threshold.device, self.route_threshold.dtype)
         child = torch.full((self.slots, 2), -1, dtype=torch.long)
         child[:n] = torch.stack([left, right], 1)
         node_id = torch.full((self.slots,), -1, dtype=torch.long)
@@ -209,6 +217,7 @@ class PrunedTreeFFN(nn.Module):
         u_rows = self.w_in.reshape(P, W * D)
         v_rows = self.w_out.reshape(P, W * D)
         b_rows = self.b_in if self.b_in is not None else None
+        thr = self.route_threshold.float()
         paths = torch.empty(M, K, L, dtype=torch.long, device=x.device)
         chunk = max(1, _CHUNK_ELEMS // max(1, K * W * D))
         outs = []
@@ -233,7 +242,8 @@ class PrunedTreeFFN(nn.Module):
                     acc = torch.baddbmm(acc.view(mc * K, 1, D), (lam * keep).view(mc * K, 1, W),
                                         v.view(mc * K, W, D)).view(mc, K, D)
                 if t < self.depth:
-                    go = (lam.detach().sum(-1) > 0).long()  # (mc, K): the routing rule of TreeFFN
+                    cut = thr.index_select(0, idx).view(mc, K)
+                    go = (lam.detach().sum(-1) > cut).long()  # (mc, K): the routing rule of TreeFFN
                     nxt = self.child.index_select(0, idx).view(mc, K, 2).gather(2, go.unsqueeze(-1)).squeeze(-1)
                     node = torch.where(alive, nxt, torch.full_like(nxt, -1))
             outs.append(acc if self.placement == "node" else phi(acc).sum(1))

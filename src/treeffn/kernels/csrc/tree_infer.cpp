@@ -5,6 +5,7 @@
 //   w_in   (K, N, W, D)    fp32 or bf16 (w_in, b_in and w_out share one dtype)
 //   b_in   (K, N, W)       optional
 //   w_out  (K, N, W, D)
+//   thr    (K, N)          optional fp32 routing thresholds (tree.balance): right child iff sum_w lam > thr
 //   y      (M, D)          x's dtype;  paths (M, K, L) int64 (only from infer_paths)
 //
 // One call walks every tree of every token through all levels. Per visited node it reads the node's W*D input
@@ -253,13 +254,15 @@ inline void prefetch_children(const TW* rows, int64_t row_elems, int64_t nrows) 
 struct Problem {
   int64_t M, D, K, N, L, W;
   int act, placement;
+  const float* thr;  // (K, N) routing thresholds or null (= 0): a token goes right iff its score s > thr
 };
 
 // One token through tree k (the batch-1 path): add its output to acc (D floats); z is D floats of scratch for the
 // output placement; path (L entries) may be null.
 template <typename TW>
 inline void walk(const Problem& p, const float* __restrict x, const TW* __restrict u_k, const TW* __restrict b_k,
-                 const TW* __restrict v_k, float* __restrict acc, float* __restrict z, int64_t* path) {
+                 const TW* __restrict v_k, const float* __restrict thr_k, float* __restrict acc,
+                 float* __restrict z, int64_t* path) {
   const int64_t D = p.D, W = p.W, WD = W * D;
   const bool node_place = p.placement == NODE;
   float* target = node_place ? acc : z;
@@ -277,7 +280,7 @@ inline void walk(const Problem& p, const float* __restrict x, const TW* __restri
       s += lam;
       axpy(node_place ? act_scalar(p.act, lam) : lam, v + w * D, target, D);
     }
-    j = 2 * j + 1 + (s > 0.0f ? 1 : 0);
+    j = 2 * j + 1 + (s > (thr_k ? thr_k[j] : 0.0f) ? 1 : 0);
   }
   if (!node_place) add_act(p.act, z, acc, D);
 }
@@ -307,8 +310,8 @@ struct BlockScratch {
 // acc rows: acc + b*D. paths (if not null): token b's entries at paths + b*path_stride.
 template <typename TW>
 void walk_block(const Problem& p, int64_t B, const float* __restrict xs, const TW* __restrict u_k,
-                const TW* __restrict b_k, const TW* __restrict v_k, float* __restrict acc, BlockScratch& sc,
-                int64_t* paths, int64_t path_stride) {
+                const TW* __restrict b_k, const TW* __restrict v_k, const float* __restrict thr_k,
+                float* __restrict acc, BlockScratch& sc, int64_t* paths, int64_t path_stride) {
   const int64_t D = p.D, W = p.W, WD = W * D, L = p.L;
   const bool node_place = p.placement == NODE;
   float* target = node_place ? acc : sc.z;
@@ -339,6 +342,7 @@ void walk_block(const Problem& p, int64_t B, const float* __restrict xs, const T
         for (; r < e; ++r) sc.lam[order[r] * W + w] = dot(u + w * D, xs + order[r] * D, D) + bias;
       }
       // contributions, then routing
+      const float thr = thr_k ? thr_k[j] : 0.0f;
       for (int64_t r = i; r < e; ++r) {
         const int64_t b = order[r];
         float s = 0.0f;
@@ -348,7 +352,7 @@ void walk_block(const Problem& p, int64_t B, const float* __restrict xs, const T
           axpy(node_place ? act_scalar(p.act, lam) : lam, v + w * D, target + b * D, D);
         }
         if (paths) paths[b * path_stride + t] = j;
-        sc.node[b] = 2 * j + 1 + (s > 0.0f ? 1 : 0);
+        sc.node[b] = 2 * j + 1 + (s > thr ? 1 : 0);
       }
       if (!last) {  // stable partition of the run: left child (smaller index) first
         int64_t o = i;
@@ -413,11 +417,12 @@ void run_range(const Problem& p, const TX* x, const TW* u, const TW* b, const TW
     float* a = acc + (mb - m0) * D;
     for (int64_t k = k0; k < k1; ++k) {
       const TW* bk = b ? b + k * NW : nullptr;
+      const float* tk = p.thr ? p.thr + k * p.N : nullptr;
       int64_t* pk = paths ? paths + mb * K * L + k * L : nullptr;
       if (nb == 1)
-        walk(p, xf, u + k * NWD, bk, v + k * NWD, a, sc.z, pk);
+        walk(p, xf, u + k * NWD, bk, v + k * NWD, tk, a, sc.z, pk);
       else
-        walk_block(p, nb, xf, u + k * NWD, bk, v + k * NWD, a, sc, pk, K * L);
+        walk_block(p, nb, xf, u + k * NWD, bk, v + k * NWD, tk, a, sc, pk, K * L);
     }
   }
 }
@@ -513,8 +518,8 @@ void run(const Problem& p, const at::Tensor& x, const at::Tensor& w_in, const c1
 bool is_bf16(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16; }
 
 at::Tensor forward(const at::Tensor& x_, const at::Tensor& w_in_, const c10::optional<at::Tensor>& b_in_,
-                   const at::Tensor& w_out_, int64_t depth, int64_t act, int64_t placement, bool with_paths,
-                   at::Tensor* paths_out) {
+                   const at::Tensor& w_out_, int64_t depth, int64_t act, int64_t placement,
+                   const c10::optional<at::Tensor>& thr_, bool with_paths, at::Tensor* paths_out) {
   TORCH_CHECK(x_.dim() == 2 && w_in_.dim() == 4, "tree_infer: x must be (M, D) and w_in (K, N, W, D)");
   TORCH_CHECK(x_.device().is_cpu() && w_in_.device().is_cpu() && w_out_.device().is_cpu(),
               "tree_infer C++ kernel: tensors must be on the CPU");
@@ -542,6 +547,12 @@ at::Tensor forward(const at::Tensor& x_, const at::Tensor& w_in_, const c10::opt
                 "tree_infer: b_in must be (K, N, W) on the CPU");
     b_in = (b.scalar_type() == wt ? b : b.to(wt)).contiguous();
   }
+  at::Tensor thr;
+  if (thr_.has_value() && thr_->defined()) {
+    TORCH_CHECK(thr_->dim() == 2 && thr_->size(0) == K && thr_->size(1) == N && thr_->device().is_cpu(),
+                "tree_infer: the routing threshold must be (K, N) on the CPU");
+    thr = thr_->to(at::kFloat).contiguous();
+  }
   at::Tensor y = at::empty({M, D}, x.options());
   int64_t* pp = nullptr;
   if (with_paths) {
@@ -549,7 +560,8 @@ at::Tensor forward(const at::Tensor& x_, const at::Tensor& w_in_, const c10::opt
     pp = paths_out->data_ptr<int64_t>();
   }
   if (M == 0) return y;
-  const Problem p{M, D, K, N, depth + 1, W, static_cast<int>(act), static_cast<int>(placement)};
+  const Problem p{M, D, K, N, depth + 1, W, static_cast<int>(act), static_cast<int>(placement),
+                  thr.defined() ? thr.data_ptr<float>() : nullptr};
   // Release the GIL only for calls long enough for it to matter to other Python threads.
   const bool release = M * K * (depth + 1) * W * D >= kParallelWork;
   auto go = [&] {
@@ -569,15 +581,17 @@ at::Tensor forward(const at::Tensor& x_, const at::Tensor& w_in_, const c10::opt
 }
 
 at::Tensor infer(const at::Tensor& x, const at::Tensor& w_in, const c10::optional<at::Tensor>& b_in,
-                 const at::Tensor& w_out, int64_t depth, int64_t act, int64_t placement) {
-  return forward(x, w_in, b_in, w_out, depth, act, placement, false, nullptr);
+                 const at::Tensor& w_out, int64_t depth, int64_t act, int64_t placement,
+                 const c10::optional<at::Tensor>& thr) {
+  return forward(x, w_in, b_in, w_out, depth, act, placement, thr, false, nullptr);
 }
 
 std::tuple<at::Tensor, at::Tensor> infer_paths(const at::Tensor& x, const at::Tensor& w_in,
                                                const c10::optional<at::Tensor>& b_in, const at::Tensor& w_out,
-                                               int64_t depth, int64_t act, int64_t placement) {
+                                               int64_t depth, int64_t act, int64_t placement,
+                                               const c10::optional<at::Tensor>& thr) {
   at::Tensor paths;
-  at::Tensor y = forward(x, w_in, b_in, w_out, depth, act, placement, true, &paths);
+  at::Tensor y = forward(x, w_in, b_in, w_out, depth, act, placement, thr, true, &paths);
   return {y, paths};
 }
 
@@ -588,8 +602,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "treeffn fused tree-FFN inference kernel (see treeffn/kernels/tree_infer.py)";
   m.def("infer", &infer, "y = tree layer(x); act: 0 gelu 1 relu 2 tanh 3 silu 4 identity; placement: 0 node 1 output",
         pybind11::arg("x"), pybind11::arg("w_in"), pybind11::arg("b_in"), pybind11::arg("w_out"),
-        pybind11::arg("depth"), pybind11::arg("act"), pybind11::arg("placement"));
+        pybind11::arg("depth"), pybind11::arg("act"), pybind11::arg("placement"),
+        pybind11::arg("thr") = pybind11::none());
   m.def("infer_paths", &infer_paths, "(y, paths (M, K, L) int64); arguments as infer", pybind11::arg("x"),
         pybind11::arg("w_in"), pybind11::arg("b_in"), pybind11::arg("w_out"), pybind11::arg("depth"),
-        pybind11::arg("act"), pybind11::arg("placement"));
+        pybind11::arg("act"), pybind11::arg("placement"), pybind11::arg("thr") = pybind11::none());
 }

@@ -2,9 +2,10 @@
 //
 // Shapes: M tokens, D model width, K trees, L = depth + 1 levels, N = 2^L - 1 nodes per tree, W units per node.
 //   x (M, D);  w_in, w_out (K, N, W, D);  b_in (K, N, W) or None;  y (M, D);  paths (M, K, L) int64
+//   thr (K, N) fp32 or None: routing thresholds (tree.balance), no gradient
 //
 // For token m, tree k, level t, visited node j = paths[m, k, t], unit w:
-//   lam = u_kjw . x_m + b_kjw          right child iff  sum_w lam > 0   (the route carries no gradient)
+//   lam = u_kjw . x_m + b_kjw          right child iff  sum_w lam > thr_kj (0 without thr; no gradient)
 //   "node"   : y_m = sum_{k,t,w} phi(lam) v_kjw                 G_mk = dy_m,                 coef = phi(lam)
 //   "output" : y_m = sum_k phi(z_mk),  z_mk = sum_{t,w} lam v_kjw   G_mk = phi'(z_mk) * dy_m,  coef = lam
 // Backward, with G_mk the upstream gradient of tree k's D-vector sum and g = dL/dlam:
@@ -358,8 +359,9 @@ inline int64_t tree_group(const Shape& s, int64_t elem_bytes) {
 // each load of the node's row (pass 1: all tokens share the root, and half of them each child; pass 2 walks the
 // chunk in leaf order, so neighbouring tokens share most of their path).
 template <typename T>
-void forward_impl(const Shape& s, const T* x, const T* w_in, const T* b_in, const T* w_out, int act, int placement,
-                  typename AccOf<T>::type* yacc, int64_t* paths, typename AccOf<T>::type* lam) {
+void forward_impl(const Shape& s, const T* x, const T* w_in, const T* b_in, const T* w_out, const float* thr,
+                  int act, int placement, typename AccOf<T>::type* yacc, int64_t* paths,
+                  typename AccOf<T>::type* lam) {
   using A = typename AccOf<T>::type;
   constexpr int RB = 4;
   const int64_t M = s.M, K = s.K, N = s.N, W = s.W, D = s.D, L = s.L;
@@ -411,7 +413,8 @@ void forward_impl(const Shape& s, const T* x, const T* w_in, const T* b_in, cons
               }
               for (int i = 0; i < nb; ++i) {
                 paths[((mb + i) * K + k) * L + t] = node[i];
-                node[i] = 2 * node[i] + 1 + (score[i] > 0 ? 1 : 0);
+                const A th = thr ? A(thr[k * N + node[i]]) : A(0);
+                node[i] = 2 * node[i] + 1 + (score[i] > th ? 1 : 0);
               }
             }
           }
@@ -763,8 +766,16 @@ T* mptr(at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr<S>()); }
 
 // -> (y, paths, lam)
 std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& w_in, const std::optional<at::Tensor>& b_in,
-                                const at::Tensor& w_out, int64_t depth, int64_t act, int64_t placement) {
+                                const at::Tensor& w_out, int64_t depth, int64_t act, int64_t placement,
+                                const std::optional<at::Tensor>& thr_in) {
   const Shape s = check(x, w_in, b_in, w_out, depth);
+  at::Tensor thr_t;
+  if (thr_in.has_value()) {
+    TORCH_CHECK(thr_in->dim() == 2 && thr_in->size(0) == s.K && thr_in->size(1) == s.N && thr_in->device().is_cpu(),
+                "tree_train cpp: routing threshold must be (K, N) on the CPU");
+    thr_t = thr_in->to(at::kFloat).contiguous();
+  }
+  const float* thr = thr_t.defined() ? thr_t.data_ptr<float>() : nullptr;
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor yacc = at::zeros({s.M, s.D}, x.options().dtype(acc));  // summed over tree groups
   at::Tensor paths = at::empty({s.M, s.K, s.L}, x.options().dtype(at::kLong));
@@ -773,18 +784,18 @@ std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& w_in, con
   switch (x.scalar_type()) {
     case at::kFloat:
       forward_impl<float>(s, ptr<float, float>(x), ptr<float, float>(w_in), hb ? ptr<float, float>(*b_in) : nullptr,
-                          ptr<float, float>(w_out), int(act), int(placement), yacc.data_ptr<float>(),
+                          ptr<float, float>(w_out), thr, int(act), int(placement), yacc.data_ptr<float>(),
                           paths.data_ptr<int64_t>(), lam.data_ptr<float>());
       break;
     case at::kBFloat16:
       forward_impl<bf16_t>(s, ptr<bf16_t, at::BFloat16>(x), ptr<bf16_t, at::BFloat16>(w_in),
-                           hb ? ptr<bf16_t, at::BFloat16>(*b_in) : nullptr, ptr<bf16_t, at::BFloat16>(w_out),
+                           hb ? ptr<bf16_t, at::BFloat16>(*b_in) : nullptr, ptr<bf16_t, at::BFloat16>(w_out), thr,
                            int(act), int(placement), yacc.data_ptr<float>(), paths.data_ptr<int64_t>(),
                            lam.data_ptr<float>());
       break;
     case at::kDouble:
       forward_impl<double>(s, ptr<double, double>(x), ptr<double, double>(w_in),
-                           hb ? ptr<double, double>(*b_in) : nullptr, ptr<double, double>(w_out), int(act),
+                           hb ? ptr<double, double>(*b_in) : nullptr, ptr<double, double>(w_out), thr, int(act),
                            int(placement), yacc.data_ptr<double>(), paths.data_ptr<int64_t>(),
                            lam.data_ptr<double>());
       break;

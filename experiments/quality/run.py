@@ -1,0 +1,380 @@
+"""Controlled quality study: tree feed-forward layers against dense MLPs and top-k MoE on the default corpus.
+
+Every run uses the ``tiny`` shape (4 layers, d_model 256, context 256, batch 16 × 256 tokens, AdamW lr 2e-3, cosine
+schedule), the same seed-determined batches and the same token budget; only the feed-forward block differs:
+
+    dense-1020            dense GELU MLP of equal *training* width (K·N = 1,020 units)
+    dense-32              dense GELU MLP of equal *inference* width (K·L = 32 units): the critics' comparison
+    moe-top1 / moe-top2   token-choice MoE with 32 active units per token (32 experts × 32, or 64 × 16 top-2)
+    tree-node             tree 4x7, φ on each node (UFB-23), per-node routing thresholds (the default setting)
+    tree-node-faithful    the same without thresholds (UFB-23 / DS-26 as published)
+    tree-output(-faithful) φ after the per-tree accumulation (DS-26's balanced variant), with / without thresholds
+    tree-1x7w4            one tree of depth 7 with 4 units per node: 32 active of 1,020, contiguous blocks
+
+    .venv/bin/python experiments/quality/run.py                       # the default plan, in priority order
+    .venv/bin/python experiments/quality/run.py --runs tree-node,dense-1020 --seeds 0,1,2 --steps 1200
+    .venv/bin/python experiments/quality/run.py --report-only          # rewrite docs/quality.md from what exists
+    .venv/bin/python experiments/quality/run.py --speed --report-only  # add decoding tokens/s (on an idle machine)
+
+Each run is a ``treeffn train --resume`` subprocess checkpointing every 100 steps into ``--out/<name>-s<seed>-
+<steps>``: stop the study at any time and start it again, and it continues where it stopped; finished runs are
+reused, and so are their evaluations. ``--max-minutes`` stops launching new runs after that long. The report lists
+the runs that exist (a run still in progress is listed as such) and the commit each ran. Evaluation: the full
+validation split (464k tokens), routing statistics of tree layers on 256 validation windows (``treeffn analyze``).
+Decoding speed is measured only with ``--speed``, one model after another in this process, and never while a
+training run is going: a timing taken beside another job is not a figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PRESET = "tiny"
+SAVE_EVERY = 100
+
+RUNS: dict[str, tuple[str, dict]] = {
+    "dense-1020": ("dense GELU MLP, 1,020 units (equal training width)", {"ffn.kind": "dense", "ffn.hidden": 1020}),
+    "dense-32": ("dense GELU MLP, 32 units (equal inference width)", {"ffn.kind": "dense", "ffn.hidden": 32}),
+    "moe-top1": ("MoE 32 experts × 32 units, top-1", {"ffn.kind": "moe", "moe.experts": 32, "ffn.hidden": 32,
+                                                        "moe.top_k": 1}),
+    "moe-top2": ("MoE 64 experts × 16 units, top-2", {"ffn.kind": "moe", "moe.experts": 64, "ffn.hidden": 16,
+                                                        "moe.top_k": 2}),
+    "tree-node": ("tree 4x7, node placement, routing thresholds", {"ffn.kind": "tree"}),
+    "tree-node-faithful": ("tree 4x7, node placement, no thresholds (UFB-23)",
+                           {"ffn.kind": "tree", "tree.balance": "none"}),
+    "tree-output": ("tree 4x7, output placement, routing thresholds",
+                    {"ffn.kind": "tree", "tree.placement": "output"}),
+    "tree-output-faithful": ("tree 4x7, output placement, no thresholds (DS-26 balanced form)",
+                             {"ffn.kind": "tree", "tree.placement": "output", "tree.balance": "none"}),
+    "tree-1x7w4": ("tree 1x7, 4 units per node, routing thresholds",
+                   {"ffn.kind": "tree", "tree.trees": 1, "tree.node_width": 4}),
+}
+
+# (name, seed, steps) in priority order: the one-epoch comparison first, then seeds, then the longer pair.
+EPOCH = 1200  # 1,200 × 16 × 256 = 4.9M tokens ≈ one epoch of the default corpus's 4.8M training tokens
+DEFAULT_PLAN = (
+    [(n, 0, EPOCH) for n in ("tree-node", "dense-1020", "dense-32", "tree-node-faithful", "tree-output",
+                             "tree-output-faithful", "moe-top1", "moe-top2", "tree-1x7w4")]
+    + [(n, s, EPOCH) for s in (1, 2) for n in ("dense-1020", "tree-node")]
+    + [(n, 0, 3 * EPOCH) for n in ("dense-1020", "tree-node")]
+)
+
+
+def run_dir(out: Path, name: str, seed: int, steps: int) -> Path:
+    return out / f"{name}-s{seed}-{steps}"
+
+
+def code_commit() -> str:
+    """The commit of the treeffn code this process imports, with '+dirty' when its tree has changes."""
+    import treeffn
+
+    src = Path(treeffn.__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def steps_done(run: Path) -> int:
+    from treeffn import checkpoint as ckpt
+    from treeffn.errors import TreeffnError
+
+    try:
+        return int(json.loads((ckpt.resolve(run) / "trainer.json").read_text())["step"])
+    except (TreeffnError, OSError, KeyError, ValueError):
+        return 0
+
+
+def train_run(name: str, seed: int, steps: int, run: Path, data: Path) -> None:
+    """Train (or continue) one run in a subprocess; records the commit it ran in ``run/study.json``."""
+    overrides = {**RUNS[name][1], "train.seed": seed, "train.max_steps": steps, "train.save_every": SAVE_EVERY}
+    if steps != EPOCH:  # the longer runs keep the one-epoch warm-up
+        overrides["train.warmup_steps"] = 60
+    run.mkdir(parents=True, exist_ok=True)
+    rec_file = run / "study.json"
+    rec = json.loads(rec_file.read_text()) if rec_file.is_file() else {"commits": []}
+    commit = code_commit()
+    if not rec["commits"] or rec["commits"][-1]["commit"] != commit:
+        rec["commits"].append({"commit": commit, "from_step": steps_done(run)})
+    rec.update({"name": name, "seed": seed, "steps": steps, "overrides": overrides})
+    rec_file.write_text(json.dumps(rec, indent=2))
+    cmd = [sys.executable, "-m", "treeffn.cli", "train", "--preset", PRESET, "--data", str(data), "--out", str(run),
+           "--resume", "--quiet"]
+    for k, v in overrides.items():
+        cmd += ["--set", f"{k}={v}"]
+    print(f"[{run.name}] {' '.join(cmd[2:])}", flush=True)
+    t0 = time.time()
+    subprocess.run(cmd, check=True)
+    print(f"[{run.name}] done in {time.time() - t0:.0f} s", flush=True)
+
+
+# ---- evaluation (cached per run) -------------------------------------------------------------------------------
+def evaluated(run: Path, data: Path) -> dict:
+    """Full-validation metrics and (tree layers) routing statistics of a finished run, cached in quality.json."""
+    from treeffn import checkpoint as ckpt
+    from treeffn.analyze import analyze
+    from treeffn.evaluate import evaluate_checkpoint
+
+    cache = run / "quality.json"
+    stamp = (ckpt.resolve(run) / "model.safetensors").stat().st_mtime
+    if cache.is_file() and cache.stat().st_mtime > stamp:
+        return json.loads(cache.read_text())
+    print(f"[{run.name}] evaluating on the full validation split", flush=True)
+    res = evaluate_checkpoint(run, data, windows=0, batch_size=8, progress=False)
+    cfg = ckpt.load_config(ckpt.resolve(run))
+    if cfg.ffn.kind == "tree":
+        a = analyze(run, data, windows=256, plots=False, progress=False)
+        res["routing"] = {"mean": a["mean"], "worst": {
+            "dead_nodes": max(r["dead_nodes"] for r in a["layers"]),
+            "leaf_util": min(r["leaf_util"] for r in a["layers"]),
+            "path_entropy": min(r["path_entropy"] for r in a["layers"])}}
+    cache.write_text(json.dumps(res, indent=2))
+    return res
+
+
+def measure_speed(run: Path) -> dict:
+    """Decoding tokens/s at batch 1 (prompt 32, 64 new tokens, best of 3), cached in speed.json."""
+    from treeffn import checkpoint as ckpt
+    from treeffn.evaluate import decode_speed
+
+    cache = run / "speed.json"
+    stamp = (ckpt.resolve(run) / "model.safetensors").stat().st_mtime
+    if cache.is_file() and cache.stat().st_mtime > stamp:
+        return json.loads(cache.read_text())
+    import torch
+
+    model = ckpt.load_model(run)
+    rec = {"decode_tok_per_s": decode_speed(model, prompt_len=32, new_tokens=64, repeats=3),
+           "threads": torch.get_num_threads(), "loadavg_1min": os.getloadavg()[0]}
+    cache.write_text(json.dumps(rec, indent=2))
+    return rec
+
+
+def training_curves(run: Path) -> dict:
+    """From metrics.jsonl: validation loss against tokens, and per-layer routing statistics against steps."""
+    val, ent, dead, align, tok_s = [], [], [], [], []
+    tokens_per_step = 16 * 256
+    for ln in (run / "metrics.jsonl").read_text().splitlines():
+        if not ln.strip():
+            continue
+        r = json.loads(ln)
+        if "val_loss" in r:
+            val.append((r["step"] * tokens_per_step, r["val_loss"]))
+        layers = sorted(k for k in r if k.startswith("tree/path_entropy/layer"))
+        if layers:
+            ent.append((r["step"], [r[k] for k in layers]))
+            dead.append((r["step"], [r[k.replace("path_entropy", "dead_nodes")] for k in layers]))
+            if all(k.replace("path_entropy", "align") in r for k in layers):
+                align.append((r["step"], [r[k.replace("path_entropy", "align")] for k in layers]))
+        if "tok_per_s" in r:
+            tok_s.append(r["tok_per_s"])
+    return {"val": val, "entropy": ent, "dead": dead, "align": align,
+            "train_tok_per_s": statistics.median(tok_s) if tok_s else float("nan")}
+
+
+# ---- report ----------------------------------------------------------------------------------------------------
+def collect(out: Path, data: Path, plan: list[tuple[str, int, int]], speed: bool) -> list[dict]:
+    rows = []
+    for name, seed, steps in plan:
+        run = run_dir(out, name, seed, steps)
+        if not (run / "metrics.jsonl").is_file():
+            continue
+        done = steps_done(run)
+        row = {"name": name, "seed": seed, "steps": steps, "done": done, "run": run,
+               "study": json.loads((run / "study.json").read_text()) if (run / "study.json").is_file() else {},
+               "curves": training_curves(run)}
+        if done == steps:
+            row["eval"] = evaluated(run, data)
+            if speed:
+                row["speed"] = measure_speed(run)
+            elif (run / "speed.json").is_file():
+                row["speed"] = json.loads((run / "speed.json").read_text())
+        rows.append(row)
+    return rows
+
+
+def fmt_mean(vals: list[float], digits: int = 4) -> str:
+    if not vals:
+        return "–"
+    if len(vals) == 1:
+        return f"{vals[0]:.{digits}f}"
+    return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f} (n={len(vals)})"
+
+
+def min_entropy_after(curve: list, step: int = 10) -> float:
+    vals = [min(v) for s, v in curve if s > step]
+    return min(vals) if vals else float("nan")
+
+
+def plot(rows: list[dict], fig_dir: Path) -> list[Path]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    fig = Figure(figsize=(14, 4.2), dpi=110)
+    FigureCanvasAgg(fig)
+    ax1, ax2, ax3 = fig.subplots(1, 3)
+    for r in rows:
+        label = f"{r['name']} s{r['seed']}" + ("" if r["steps"] == EPOCH else f" ({r['steps']} steps)")
+        c = r["curves"]
+        if c["val"]:
+            ax1.plot([t / 1e6 for t, _ in c["val"]], [v for _, v in c["val"]], marker=".", label=label)
+        if c["entropy"]:
+            ax2.plot([s for s, _ in c["entropy"]], [min(v) for _, v in c["entropy"]], label=label)
+            ax3.plot([s for s, _ in c["dead"]], [max(v) for _, v in c["dead"]], label=label)
+    ax1.set_xlabel("training tokens (M)")
+    ax1.set_ylabel("validation loss (nats, 256 windows)")
+    ax1.set_title("loss against tokens")
+    ax1.legend(fontsize=6)
+    ax2.set_title("path entropy, worst layer (training batches)")
+    ax2.set_xlabel("step")
+    ax2.set_ylim(-0.02, 1.02)
+    ax3.set_title("dead nodes, worst layer (training batches)")
+    ax3.set_xlabel("step")
+    ax3.set_ylim(-0.02, 1.02)
+    ax2.legend(fontsize=6)
+    fig.tight_layout()
+    paths.append(fig_dir / "curves.png")
+    fig.savefig(paths[-1])
+
+    done = [r for r in rows if "eval" in r and r["steps"] == EPOCH]
+    if done:
+        fig = Figure(figsize=(10, 4.2), dpi=110)
+        FigureCanvasAgg(fig)
+        ax1, ax2 = fig.subplots(1, 2)
+        for r in done:
+            e = r["eval"]
+            ax1.scatter(e["ffn_flops_per_token"] / 1e6, e["val_loss"])
+            ax1.annotate(f"{r['name']} s{r['seed']}", (e["ffn_flops_per_token"] / 1e6, e["val_loss"]), fontsize=7)
+            if "speed" in r:
+                ax2.scatter(r["speed"]["decode_tok_per_s"], e["val_loss"])
+                ax2.annotate(f"{r['name']} s{r['seed']}", (r["speed"]["decode_tok_per_s"], e["val_loss"]), fontsize=7)
+        ax1.set_xscale("log")
+        ax1.set_xlabel("FFN FLOPs per token (M, analytic)")
+        ax1.set_ylabel("validation loss (nats, full split)")
+        ax1.set_title("loss against FFN cost")
+        ax2.set_xlabel("decoding tokens/s, batch 1 (measured)")
+        ax2.set_title("loss against decoding speed" + ("" if any("speed" in r for r in done) else " (not measured)"))
+        fig.tight_layout()
+        paths.append(fig_dir / "pareto.png")
+        fig.savefig(paths[-1])
+    return paths
+
+
+def write_report(rows: list[dict], docs: Path, figs: list[Path], command: str) -> None:
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["name"], r["steps"]), []).append(r)
+    commits = sorted({c["commit"] for r in rows for c in r["study"].get("commits", [])})
+    lines = [
+        "# Trees that learn: a controlled quality study",
+        "",
+        "Tree feed-forward layers against dense MLPs and top-k MoE on the default corpus, `tiny` shape (4 layers, "
+        "d_model 256, context 256), same seeds, same batches, same token budget; only the feed-forward block "
+        "differs. One epoch is 1,200 steps × 16 × 256 = 4.9M tokens.",
+        "",
+        f"Produced by `{command}` (runs under `runs/quality`; the table and figures are rebuilt from the runs that "
+        "exist, so a partial study is reported as partial).",
+        "",
+        "Commit(s) the runs trained with: " + (", ".join(f"`{c}`" for c in commits) or "–") + ".",
+        "",
+        "## Results",
+        "",
+        "Validation loss on the full validation split (464k tokens). Routing statistics of tree layers on 256 "
+        "validation windows at the end (worst layer); the entropy column is the lowest path entropy of any layer on "
+        "training batches after step 10. Decoding: batch 1, 32-token prompt, 64 new tokens.",
+        "",
+        "| run | description | steps | active FFN units | FFN FLOPs/token | val loss | bits/byte | dead nodes "
+        "(worst) | leaf use (worst) | min path entropy after step 10 | training tok/s | decoding tok/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (name, steps), rs in groups.items():
+        fin = [r for r in rs if "eval" in r]
+        if not fin:
+            lines.append(f"| {name} | {RUNS[name][0]} | {steps} | | | in progress: step "
+                         f"{', '.join(str(r['done']) for r in rs)} | | | | | | |")
+            continue
+        e0 = fin[0]["eval"]
+        vl = fmt_mean([r["eval"]["val_loss"] for r in fin])
+        bpb = fmt_mean([r["eval"]["bits_per_byte"] for r in fin])
+        rout = [r["eval"].get("routing") for r in fin]
+        dead = fmt_mean([x["worst"]["dead_nodes"] for x in rout if x], 3) if any(rout) else "–"
+        leaf = fmt_mean([x["worst"]["leaf_util"] for x in rout if x], 3) if any(rout) else "–"
+        ents = [min_entropy_after(r["curves"]["entropy"]) for r in fin if r["curves"]["entropy"]]
+        ent = fmt_mean(ents, 3) if ents else "–"
+        tok = fmt_mean([r["curves"]["train_tok_per_s"] for r in fin], 0)
+        dec = [r["speed"]["decode_tok_per_s"] for r in fin if "speed" in r]
+        lines.append(f"| {name} | {RUNS[name][0]} | {steps} | {e0['ffn_units_active']:,.0f} | "
+                     f"{e0['ffn_flops_per_token']:,.0f} | {vl} | {bpb} | {dead} | {leaf} | {ent} | {tok} | "
+                     f"{fmt_mean(dec, 1) if dec else '–'} |")
+    lines += ["", "Training tokens/s is the median of the logged windows and was taken while other work shared the "
+              "machine; it is not a speed figure (docs/benchmarks.md has those).", ""]
+    rel = [os.path.relpath(f, docs.parent) for f in figs]
+    for f in rel:
+        lines += [f"![{Path(f).stem}]({f})", ""]
+    docs.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", help=f"comma-separated run names ({', '.join(RUNS)}); default: the full plan")
+    ap.add_argument("--seeds", default="0", help="with --runs: comma-separated seeds (default 0)")
+    ap.add_argument("--steps", type=int, default=EPOCH, help=f"with --runs: steps per run (default {EPOCH})")
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "quality")
+    ap.add_argument("--docs", type=Path, default=ROOT / "docs" / "quality.md")
+    ap.add_argument("--data", type=Path, default=None, help="prepared corpus (default: the default corpus)")
+    ap.add_argument("--max-minutes", type=float, default=0.0, help="launch no new run after this long (0 = no limit)")
+    ap.add_argument("--report-only", action="store_true", help="train nothing; rebuild the report")
+    ap.add_argument("--speed", action="store_true", help="measure decoding speed of finished runs (idle machine)")
+    args = ap.parse_args(argv)
+
+    from treeffn.data import default_data_dir, prepare
+
+    data = args.data or default_data_dir()
+    if args.data is None:
+        prepare(data, progress=False)
+    if args.runs:
+        names = [n.strip() for n in args.runs.split(",") if n.strip()]
+        bad = [n for n in names if n not in RUNS]
+        if bad:
+            ap.error(f"unknown run(s) {', '.join(bad)}; choose from {', '.join(RUNS)}")
+        plan = [(n, int(s), args.steps) for s in args.seeds.split(",") for n in names]
+    else:
+        plan = list(DEFAULT_PLAN)
+    t0 = time.time()
+    if not args.report_only:
+        for name, seed, steps in plan:
+            run = run_dir(args.out, name, seed, steps)
+            if steps_done(run) >= steps:
+                continue
+            if args.max_minutes and time.time() - t0 > 60 * args.max_minutes:
+                print(f"--max-minutes reached; {run.name} and later runs not started", flush=True)
+                break
+            train_run(name, seed, steps, run, data)
+    full_plan = plan if args.runs else DEFAULT_PLAN
+    rows = collect(args.out, data, full_plan, args.speed)
+    figs = plot(rows, args.docs.parent / "quality")
+    command = "python experiments/quality/run.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])
+                                                     if (argv if argv is not None else sys.argv[1:]) else "")
+    write_report(rows, args.docs, figs, command)
+    print(f"wrote {args.docs}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

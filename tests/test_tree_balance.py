@@ -1,0 +1,177 @@
+"""Routing balance of tree layers (tree.balance="threshold"): per-node thresholds move only the routing decision.
+
+Checks: every implementation routes on s > c identically and agrees with the reference in value and gradient;
+the thresholds receive no gradient; batch statistics split aligned inputs evenly where the faithful layer sends
+them all one way; the running buffer changes in training only and is what evaluation routes with; checkpoints
+written before the option existed still load and route as before.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from treeffn import checkpoint as ckpt
+from treeffn.config import get_config
+from treeffn.errors import ConfigError
+from treeffn.kernels.tree_infer import extension as infer_ext
+from treeffn.kernels.tree_infer import tree_infer
+from treeffn.kernels.tree_train import extension as train_ext
+from treeffn.kernels.tree_train import tree_train
+from treeffn.layers.tree import TreeFFN, batch_thresholds, tree_paths, tree_reference
+from treeffn.model import GPT
+
+TRAIN_IMPLS = ["torch"] + (["cpp"] if train_ext() is not None else [])
+INFER_IMPLS = ["torch"] + (["cpp"] if infer_ext() is not None else [])
+
+
+def _weights(K=3, depth=4, W=2, D=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    N = 2 ** (depth + 1) - 1
+    w_in = torch.randn(K, N, W, D, generator=g) * 0.3
+    b_in = torch.randn(K, N, W, generator=g) * 0.1
+    w_out = torch.randn(K, N, W, D, generator=g) * 0.3
+    thr = torch.randn(K, N, generator=g) * 1.5
+    x = torch.randn(64, D, generator=g) + 1.0
+    return x, w_in, b_in, w_out, thr, depth
+
+
+@pytest.mark.parametrize("placement", ["node", "output"])
+@pytest.mark.parametrize("impl", TRAIN_IMPLS)
+def test_train_path_with_thresholds_matches_reference(impl, placement):
+    x, w_in, b_in, w_out, thr, depth = _weights()
+    ref_paths = tree_paths(x, w_in, b_in, depth, thr)
+    assert not torch.equal(ref_paths, tree_paths(x, w_in, b_in, depth)), "thresholds should change some routes"
+    leaves = [p.requires_grad_() for p in (x.clone(), w_in.clone(), b_in.clone(), w_out.clone())]
+    y_ref = tree_reference(*leaves[:3], leaves[3], depth, "gelu", placement, thr=thr)
+    y_ref.square().sum().backward()
+    grads_ref = [p.grad for p in leaves]
+    ours = [p.detach().clone().requires_grad_() for p in leaves]
+    y, paths, lam = tree_train(*ours, depth, "gelu", placement, impl=impl, thr=thr, return_lam=True)
+    assert torch.equal(paths, ref_paths), f"{impl}: routing with thresholds differs from tree_paths"
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    y.square().sum().backward()
+    for name, a, b in zip(("x", "w_in", "b_in", "w_out"), (p.grad for p in ours), grads_ref):
+        scale = float(b.abs().max())  # fp32 sums of a few hundred terms of this size
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * scale, msg=f"{impl}: gradient of {name} differs")
+    # λ at the visited nodes: the responses the routing compared with the thresholds
+    s = lam.sum(-1)
+    cut = thr[torch.arange(3).view(1, 3, 1), paths]
+    went_right = paths[:, :, 1:] == 2 * paths[:, :, :-1] + 2
+    assert torch.equal(went_right, s[:, :, :-1] > cut[:, :, :-1])
+
+
+@pytest.mark.parametrize("placement", ["node", "output"])
+@pytest.mark.parametrize("impl", INFER_IMPLS)
+@pytest.mark.parametrize("M", [1, 64])
+def test_inference_with_thresholds_matches_reference(impl, placement, M):
+    x, w_in, b_in, w_out, thr, depth = _weights()
+    x = x[:M]
+    y_ref = tree_reference(x, w_in, b_in, w_out, depth, "gelu", placement, thr=thr)
+    with torch.no_grad():
+        y, paths = tree_infer(x, w_in, b_in, w_out, depth, "gelu", placement, return_paths=True, impl=impl, thr=thr)
+    assert torch.equal(paths, tree_paths(x, w_in, b_in, depth, thr))
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+
+
+def _aligned_inputs(M=512, D=32, seed=1):
+    """The early-training regime: every token is one shared direction plus a small token-specific part."""
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randn(D, generator=g)
+    return shared * 3.0 + 0.05 * torch.randn(M, D, generator=g)
+
+
+def test_batch_thresholds_split_aligned_inputs_evenly():
+    torch.manual_seed(0)
+    x = _aligned_inputs()
+    faithful = TreeFFN(32, trees=2, depth=5, balance="none").train()
+    balanced = TreeFFN(32, trees=2, depth=5, balance="threshold").train()
+    balanced.load_state_dict(faithful.state_dict(), strict=False)
+    p_none = tree_paths(x, faithful.w_in, faithful.b_in, 5)
+    thr, seen = batch_thresholds(x, balanced.w_in, balanced.b_in, 5, balanced.route_threshold)
+    p_bal = tree_paths(x, balanced.w_in, balanced.b_in, 5, thr)
+    tree_offset = torch.arange(2).view(1, 2) * 63
+    leaves_none = torch.unique(p_none[:, :, -1] + tree_offset).numel()  # distinct (tree, leaf) pairs
+    leaves_bal = torch.unique(p_bal[:, :, -1] + tree_offset).numel()
+    assert leaves_none <= 8, "aligned inputs should collapse the faithful tree onto few paths"
+    assert leaves_bal == 2 * 32, f"balanced routing should reach every leaf of both trees, got {leaves_bal}"
+    right = (p_bal[:, :, 1] == 2).double().mean()
+    assert abs(float(right) - 0.5) < 0.1, "the root should split its tokens around their mean"
+    assert bool(seen[:, :31].all()) and not bool(seen[:, 31:].any()), "every inner node, and no leaf, is set"
+
+
+def test_thresholds_get_no_gradient_and_update_in_training_only():
+    torch.manual_seed(0)
+    layer = TreeFFN(32, trees=2, depth=4, balance="threshold", balance_rate=0.5)
+    assert "route_threshold" in dict(layer.named_buffers())
+    assert all(n != "route_threshold" for n, _ in layer.named_parameters())
+    x = _aligned_inputs(M=256).requires_grad_()
+    layer.train()
+    y, _ = layer(x)
+    y.sum().backward()
+    c1 = layer.route_threshold.clone()
+    assert c1[:, :15].abs().min() > 0, "training should move every inner node's running threshold"
+    thr, _ = batch_thresholds(x.detach(), layer.w_in, layer.b_in, 4, torch.zeros_like(c1))
+    torch.testing.assert_close(c1[:, :15], 0.5 * thr[:, :15], msg="running threshold: c += rate·(batch − c)")
+    layer.eval()
+    with torch.no_grad():
+        y_eval, _ = layer(x.detach())
+    assert torch.equal(layer.route_threshold, c1), "evaluation must not change the thresholds"
+    y_ref = tree_reference(x.detach(), layer.w_in, layer.b_in, layer.w_out, 4, thr=c1)
+    torch.testing.assert_close(y_eval, y_ref, rtol=1e-5, atol=1e-5, msg="evaluation routes with the running buffer")
+
+
+def test_training_forward_routes_with_the_batch_thresholds():
+    torch.manual_seed(0)
+    layer = TreeFFN(32, trees=2, depth=4, balance="threshold", impl="reference").train()
+    x = _aligned_inputs(M=128)
+    thr, _ = batch_thresholds(x, layer.w_in, layer.b_in, 4, layer.route_threshold)
+    y, _ = layer(x.requires_grad_())
+    y_ref = tree_reference(x.detach(), layer.w_in.detach(), layer.b_in.detach(), layer.w_out.detach(), 4, thr=thr)
+    torch.testing.assert_close(y.detach(), y_ref)
+    sparse = TreeFFN(32, trees=2, depth=4, balance="threshold", impl="sparse").train()
+    sparse.load_state_dict({**layer.state_dict(), "route_threshold": torch.zeros(2, 31)})
+    y2, _ = sparse(x)
+    torch.testing.assert_close(y2.detach(), y_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_model_tracks_routing_diagnostics():
+    cfg = get_config("debug", {"ffn.kind": "tree"})
+    model = GPT(cfg).train()
+    model.set_track_stats(True)
+    out = model(torch.randint(0, 512, (2, 32)))
+    d = out.stats[0]["tree_diag"]
+    L = cfg.tree.depth + 1
+    assert set(d) == {"align", "margin", "centre", "u_norm", "b_abs", "live_grad"}
+    for k in ("margin", "centre", "u_norm", "b_abs", "live_grad"):
+        assert d[k].shape == (L,), k
+    assert -1.0 <= float(d["align"]) <= 1.0
+    assert 0.0 <= float(d["live_grad"].min()) and float(d["live_grad"].max()) <= 1.0
+
+
+def test_checkpoint_without_thresholds_still_loads(tmp_path):
+    cfg = get_config("debug", {"ffn.kind": "tree"})
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    folder = ckpt.save_checkpoint_dir(tmp_path / "old", model)
+    state = ckpt.load_tensors(folder / "model.safetensors")
+    old = {k: v for k, v in state.items() if not k.endswith("route_threshold")}
+    assert len(old) < len(state)
+    from safetensors.torch import save_file
+
+    save_file(old, str(folder / "model.safetensors"))
+    loaded = ckpt.load_model(folder)
+    for f in loaded.ffn_modules():
+        assert torch.equal(f.route_threshold, torch.zeros_like(f.route_threshold))
+    faithful = GPT(get_config("debug", {"ffn.kind": "tree", "tree.balance": "none"})).eval()
+    faithful.load_state_dict(old, strict=False)  # lm_head is tied to the embedding
+    idx = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(idx).logits, faithful(idx).logits)
+
+
+def test_bad_balance_settings_are_config_errors():
+    with pytest.raises(ConfigError, match="tree.balance"):
+        get_config("debug", {"ffn.kind": "tree", "tree.balance": "median"})
+    with pytest.raises(ConfigError, match="tree.balance_rate"):
+        get_config("debug", {"ffn.kind": "tree", "tree.balance_rate": 0})
