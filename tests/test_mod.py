@@ -1,6 +1,6 @@
 """Mixture-of-Depths (treeffn.mod) and integrated MoDE (treeffn.layers.mode).
 
-One test per bug found in public MoD implementations (see docs/reference): each would fail on that bug.
+One test per bug found in public MoD implementations: each would fail on that bug.
 Shapes follow the ``debug`` preset (d 64, 2 layers, context 64, vocab 512); ``mod.every=2`` routes block 1.
 """
 
@@ -215,6 +215,41 @@ def test_eval_skips_block_when_nothing_routes():
     assert not calls and torch.equal(out, x) and float(aux["mod_routed"]) == 0.0
 
 
+@pytest.mark.parametrize("bias", [-1e4, 0.0, 1e4])
+def test_eval_reports_the_routed_fraction_and_its_flops(tmp_path, sample_data, bias):
+    """In evaluation the causal rule decides how many tokens a routed block processes: `treeffn eval` reports the
+    fraction it measured and counts FLOPs from it, not from mod.capacity (the top-C fraction of training)."""
+    from treeffn.checkpoint import save_checkpoint_dir
+    from treeffn.evaluate import evaluate_checkpoint
+
+    m = _scale_routers(_model())
+    with torch.no_grad():
+        m.blocks[1].router.bias.fill_(bias)  # -1e4: nothing routes; 1e4: everything; 0: the router decides
+    save_checkpoint_dir(tmp_path / "ck", m, {"data.json": {"data_dir": str(sample_data)}})
+    res = evaluate_checkpoint(tmp_path / "ck", sample_data, windows=4, batch_size=2, progress=False)
+    frac = res["mod_routed_fraction"]
+    assert res["mod_capacity"] == 0.125
+    if bias < 0:
+        assert frac == 0.0
+    elif bias > 0:
+        assert frac == 1.0
+    else:
+        assert 0.0 < frac < 1.0 and frac != 0.125
+    # the same windows through the model by hand: the block's own statistic, token-weighted
+    from treeffn.data import load_tokens
+    from treeffn.train import Batches
+
+    val = Batches(load_tokens(sample_data, "val"), CTX, V)
+    x, _ = val.window(val.eval_starts(4))
+    with torch.no_grad():
+        assert frac == pytest.approx(float(m.eval()(x).stats[1]["mod_routed"]), abs=1e-6)
+    plain = build_model("debug", {"mod.every": 0}).flops_per_token()  # every block processes every token
+    one_block = plain["ffn"] / 2
+    assert res["ffn_flops_per_token"] == pytest.approx(one_block + frac * one_block)
+    assert res["flops_per_token"] == pytest.approx(m.flops_per_token(routed=frac)["total"])
+    assert m.flops_per_token()["ffn"] == pytest.approx(one_block * 1.125)  # training: the capacity
+
+
 # ---- predictor --------------------------------------------------------------------------------------------------
 def test_predictor_trained_on_detached_input_only_by_its_bce():
     m = _model(**{"mod.causal": "predictor"}).train()
@@ -262,6 +297,9 @@ def test_ffn_kinds(kind, over):
         assert m.blocks[1].ffn.router.weight.grad.abs().sum() > 0
         assert float(out.aux_loss.detach()) > 0
     m.eval()
+    # other tokens than the training batch: a tree's running thresholds are that batch's per-node means after one
+    # step, so its own tokens would sit exactly on them, where kernels with different summation orders may disagree
+    idx = torch.randint(0, V, (2, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = m(idx).logits
         cache = KVCache(len(m.blocks))
@@ -332,8 +370,24 @@ def test_bench_smoke(capsys):
     assert rc == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["benchmark"] == "mod" and [d["batch"] for d in res["results"]["decode"]] == [1, 2]
-    assert res["results"]["train"]["ratio"] > 0 and all(math.isfinite(d["speedup"]) for d in res["results"]["decode"])
+    assert (res["every"], res["capacity"], res["causal"], res["router_steps"]) == (2, 0.125, "aux", 2)
     assert res["env"]["threads"] == 1 and torch.get_num_threads() == threads  # the bench restores the caller's threads
+    train = res["results"]["train"]
+    assert (train["batch"], train["seq_len"]) == (2, 16) and train["baseline_s"] > 0 and train["mod_s"] > 0
+    assert train["ratio"] == pytest.approx(train["mod_s"] / train["baseline_s"])
+    for d in res["results"]["decode"]:
+        assert (d["prompt"], d["new"]) == (6, 4) and 0.0 <= d["routed_frac"] <= 1.0
+        assert d["speedup"] == pytest.approx(d["mod_tok_s"] / d["baseline_tok_s"])
+        assert math.isfinite(d["speedup"]) and d["baseline_tok_s"] > 0
+    # one routed block (2 layers, every 2): one agreement figure, a fraction
+    assert len(res["router_agreement"]) == 1 and 0.0 <= res["router_agreement"][0] <= 1.0
+    # the analytic FLOPs ratio is that of the two configurations at T = 16 (training: top-C at capacity)
+    base = build_model("debug", {"mod.every": 0}).flops_per_token(16)["total"]
+    mod = build_model("debug", {"mod.every": 2, "mod.capacity": 0.125}).flops_per_token(16)["total"]
+    assert res["flops_ratio"] == pytest.approx(mod / base) and res["flops_ratio"] < 1
+    t = res["targets"]
+    assert t["decode_met"] == all(d["speedup"] >= t["decode_speedup"] for d in res["results"]["decode"])
+    assert t["train_met"] == (train["ratio"] <= t["train_ratio"])
 
 
 def test_mod_checkpoint_round_trip(tmp_path):

@@ -33,10 +33,25 @@ def test_moe_one_expert_top1_is_its_mlp():
 
 
 def test_moe_aux_loss_is_returned_and_balanced_value():
-    moe = MoE(16, 8, experts=4, top_k=2, aux_weight=1.0)
-    _, aux = moe(torch.randn(64, 16))
-    # E * sum(f * P) is 1.0 for perfectly uniform routing and ≥ ~1 otherwise
-    assert aux["loss"].item() > 0.5
+    """aux = E · Σ_e f_e · P_e (Switch eq. 4): recomputed independently from the router, exactly 1 for a uniform
+    router, close to E when every token goes to one expert."""
+    torch.manual_seed(0)
+    E, k = 4, 2
+    moe = MoE(16, 8, experts=E, top_k=k, aux_weight=0.5)
+    x = torch.randn(64, 16)
+    _, aux = moe(x)
+    probs = torch.softmax(moe.router(x).float(), -1)
+    chosen = probs.topk(k, -1).indices.reshape(-1)
+    f = torch.bincount(chosen, minlength=E).float() / chosen.numel()
+    torch.testing.assert_close(aux["loss"], 0.5 * E * (f * probs.mean(0)).sum())
+    with torch.no_grad():
+        moe.router.weight.zero_()  # uniform probabilities: P_e = 1/E whatever f is
+    assert moe(x)[1]["loss"].item() == pytest.approx(0.5 * 1.0)
+    with torch.no_grad():  # every token to experts 0 and 1: f = (½, ½, 0, 0), P ≈ (0.73, 0.27, 0, 0), aux ≈ E/k = 2
+        moe.router.weight[0, 0], moe.router.weight[1, 0] = 10.0, 9.0
+    xc = x.clone()
+    xc[:, 0] = 1.0
+    assert moe(xc)[1]["loss"].item() / 0.5 == pytest.approx(E / k, rel=1e-3)  # far above the balanced value 1
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -47,8 +62,10 @@ def test_forward_backward_every_kind(kind):
     out = m(x, targets=x)
     assert out.logits.shape == (2, 24, 512)
     out.loss.backward()
-    grads = [p.grad for p in m.parameters() if p.requires_grad]
-    assert all(g is not None for g in grads[:3]), "embedding/attention got no gradient"
+    for name, p in m.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(p.grad).all(), f"{name} got a non-finite gradient"
+        assert p.grad.abs().sum() > 0, f"{name} got an all-zero gradient"
     if kind == "moe":
         assert out.aux_loss.item() > 0, "MoE auxiliary loss did not reach the model output"
 

@@ -237,14 +237,20 @@ def resolve_data_arg(folder: Path, data: str | Path | None) -> Path:
 # ---- the whole analysis ----------------------------------------------------------------------------------------
 def analyze(path: str | Path, data: str | Path | None = None, windows: int = DEFAULT_WINDOWS,
             chunks: tuple[int, ...] = DEFAULT_CHUNKS, out: str | Path | None = None, device: str = "auto",
-            batch_size: int = 8, split: str = "val", plots: bool = True, progress: bool = False) -> dict:
-    """Analyse the checkpoint at ``path``; write analysis.json (and PNGs) to ``out`` (default PATH/analysis)."""
+            batch_size: int = 8, split: str = "val", plots: bool = True, progress: bool = False,
+            overwrite: bool = False) -> dict:
+    """Analyse the checkpoint at ``path``; write analysis.json (and PNGs) to ``out`` (default PATH/analysis).
+
+    ``out`` must be missing, empty, or an earlier analysis (replaced only with ``overwrite``): nothing else is ever
+    written over."""
     from . import checkpoint as ckpt
     from .checkpoint import write_json_atomic
     from .train import resolve_device
 
     if windows < 0:
         raise ConfigError(f"--windows must be ≥ 0 (0 = the whole split; got {windows})")
+    out_dir = Path(out) if out is not None else Path(path) / "analysis"
+    ckpt.check_output_dir(out_dir, "analysis", overwrite=overwrite, inputs=[path])
     dev = resolve_device(device)
     folder = ckpt.resolve(path)
     model = ckpt.load_model(folder, device=dev)
@@ -272,7 +278,6 @@ def analyze(path: str | Path, data: str | Path | None = None, windows: int = DEF
         "layers": reports,
         "plots": {},
     }
-    out_dir = Path(out) if out is not None else Path(path) / "analysis"
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = find_metrics(Path(path), folder)
     curves = read_training_curves(metrics) if metrics is not None else {}
@@ -403,6 +408,7 @@ def add_arguments(p) -> None:
     p.add_argument("--chunk", default=",".join(map(str, DEFAULT_CHUNKS)),
                    help="chunk sizes for union sparsity, comma-separated (default 8,32,128)")
     p.add_argument("--out", default=None, help="output folder (default DIR/analysis)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier analysis in --out")
     p.add_argument("--split", choices=["val", "train"], default="val", help="data split (default val)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto")
@@ -437,7 +443,7 @@ def format_report(res: dict) -> str:
 def run(args) -> int:
     res = analyze(args.dir, data=args.data, windows=args.windows, chunks=parse_chunks(args.chunk), out=args.out,
                   device=args.device, batch_size=args.batch_size, split=args.split, plots=not args.no_plots,
-                  progress=not args.quiet)
+                  progress=not args.quiet, overwrite=args.overwrite)
     if args.json:
         print(json.dumps({k: v for k, v in res.items()}, default=str))
     else:

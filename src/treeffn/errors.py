@@ -20,3 +20,7 @@ class CheckpointError(TreeffnError):
 
 class DataError(TreeffnError):
     """An empty, binary or undecodable corpus, or token ids out of range."""
+
+
+class OutputError(TreeffnError):
+    """An output folder a command must not write: its own input, or something other than what it writes."""

@@ -42,10 +42,15 @@ def evaluate_checkpoint(path: str | Path, data: str | Path | None = None, window
             raise DataError(f"--context {context} exceeds the model's context of {T}")
         T = context
     val = Batches(load_tokens(ddir, "val"), T, model.cfg.model.vocab_size)
-    loss, ntok = evaluate_loss(model, val, windows, batch_size, dev, progress=progress)
+    with RoutedFraction(model) as routed:
+        loss, ntok = evaluate_loss(model, val, windows, batch_size, dev, progress=progress)
     units = model.ffn_units()
-    flops = model.flops_per_token()
+    # a Mixture-of-Depths block processes what the causal rule routed on these windows, not mod.capacity
+    flops = model.flops_per_token(routed=routed.per_layer() or None)
     bytes_per_token = meta["bytes"]["val"] / max(1, meta["tokens"]["val"])
+    mod = {}
+    if routed.per_layer():
+        mod = {"mod_routed_fraction": routed.mean(), "mod_capacity": model.cfg.mod.capacity}
     return {
         "checkpoint": str(folder),
         "config": model.cfg.describe(),
@@ -61,7 +66,42 @@ def evaluate_checkpoint(path: str | Path, data: str | Path | None = None, window
         "ffn_active_fraction": units["fraction"],
         "flops_per_token": flops["total"],
         "ffn_flops_per_token": flops["ffn"],
+        **mod,
     }
+
+
+class RoutedFraction:
+    """Context manager counting, per Mixture-of-Depths block, the fraction of tokens the causal rule routed through
+    it (``mod_routed``, weighted by the tokens of each call) while the model runs in evaluation mode."""
+
+    def __init__(self, model):
+        from .mod import RoutedBlock
+
+        self.blocks = {i: b for i, b in enumerate(model.blocks) if isinstance(b, RoutedBlock)}
+        self.sums = {i: [0.0, 0] for i in self.blocks}
+        self.handles = []
+
+    def __enter__(self) -> "RoutedFraction":
+        for i, b in self.blocks.items():
+            def hook(module, args, output, i=i):
+                n = args[0].shape[0] * args[0].shape[1]
+                self.sums[i][0] += float(output[1]["mod_routed"]) * n
+                self.sums[i][1] += n
+
+            self.handles.append(b.register_forward_hook(hook))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def per_layer(self) -> dict[int, float]:
+        return {i: s / n for i, (s, n) in self.sums.items() if n}
+
+    def mean(self) -> float:
+        fr = self.per_layer()
+        return sum(fr.values()) / len(fr) if fr else float("nan")
 
 
 @torch.no_grad()

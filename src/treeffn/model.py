@@ -11,6 +11,7 @@ Blocks listed by ``mod.every`` are wrapped by :class:`treeffn.mod.RoutedBlock` (
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -260,11 +261,14 @@ class GPT(nn.Module):
                 mod.max_pos = seq_len
                 mod.reset_buffers()
 
-    def flops_per_token(self, context: int | None = None) -> dict:
+    def flops_per_token(self, context: int | None = None, routed: float | dict[int, float] | None = None) -> dict:
         """Analytic inference FLOPs per token (2 per multiply-add), averaged over a causal sequence of ``context``.
 
         ``ffn`` counts feed-forward blocks only; ``total`` adds attention projections, attention scores and values
-        (mean context (T+1)/2), and the output head. MoD blocks count their capacity fraction.
+        (mean context (T+1)/2), and the output head. A Mixture-of-Depths block counts the fraction of tokens it
+        processes: ``routed`` when given (one fraction for every routed block, or ``{layer: fraction}``), which is
+        what evaluation and decoding must pass, since there the causal rule decides and routes a fraction measured on
+        the data (``treeffn eval`` reports it); without it ``mod.capacity``, the top-C fraction of training.
         """
         m = self.cfg.model
         T = context or m.seq_len
@@ -273,7 +277,10 @@ class GPT(nn.Module):
         attn_ctx = 2 * 2 * m.n_head * C * (T + 1) / 2
         total = ffn = 0.0
         for i, f in enumerate(self.ffn_modules()):
-            frac = self.cfg.mod.capacity if is_routed_layer(self.cfg, i) else 1.0
+            frac = 1.0
+            if is_routed_layer(self.cfg, i):
+                frac = self.cfg.mod.capacity if routed is None else \
+                    float(routed[i] if isinstance(routed, dict) else routed)
             ffn += frac * f.flops_per_token()
             total += frac * (f.flops_per_token() + attn_proj + attn_ctx)
         total += 2 * D * m.vocab_size
@@ -337,6 +344,7 @@ class GPT(nn.Module):
         if idx.shape[1] + max_new_tokens > ctx:
             raise TreeffnError(f"prompt ({idx.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
                                f"model's context of {ctx}")
+        check_sampling(temperature, top_k, top_p)
         was_training = self.training
         self.eval()
         try:
@@ -356,6 +364,16 @@ class GPT(nn.Module):
             return torch.cat(out, 1)
         finally:
             self.train(was_training)
+
+
+def check_sampling(temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None) -> None:
+    """TreeffnError unless temperature ≥ 0 (0 = greedy), top_k ≥ 0 (0 = off) and top_p in (0, 1] (None = off)."""
+    if not math.isfinite(temperature) or temperature < 0:
+        raise TreeffnError(f"temperature must be a finite number ≥ 0 (0 = greedy); got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise TreeffnError(f"top-k must be ≥ 0 (0 = off); got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise TreeffnError(f"top-p must be in (0, 1]; got {top_p}")
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,

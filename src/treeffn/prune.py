@@ -3,8 +3,8 @@
 DS-26: with φ before the sum, paths of a tree layer lose their traffic over training and die, so part of the
 dynamic sparsity becomes static and "dead paths can be pruned". This command does it:
 
-1. count node visits of every tree layer on fixed windows of the validation split (``--split train`` counts on
-   training text instead; ``--counts analysis.json`` reuses the counts ``treeffn analyze`` wrote);
+1. count node visits of every tree layer on fixed windows of the training split (``--split val`` counts on the
+   validation text instead; ``--counts analysis.json`` reuses the counts ``treeffn analyze`` wrote);
 2. mark nodes with fewer than ``--min-visits`` visits dead; a node's subtree dies with it (a child is never visited
    more often than its parent, so this only makes the rule exact for counts from elsewhere);
 3. compact every layer into a :class:`~treeffn.layers.pruned_tree.PrunedTreeFFN` (``ffn.kind = tree_pruned``;
@@ -23,10 +23,10 @@ original layer's output exactly (same nodes, same arithmetic).
 Reported: parameters before/after, the fraction of the counted tokens whose path (in any tree of any layer, in the
 unpruned model; a Mixture-of-Depths routed block counts in its per-layer figure only) touched a removed node, and
 the validation loss before and after (``treeffn eval``'s :func:`~treeffn.evaluate.evaluate_checkpoint` on
-``--eval-windows`` windows). When the counts come from the same
-validation windows the loss is scored on, pruning was decided on the data it is judged on: with ``--min-visits 1``
-no scored token meets a removed node at all, so the loss cannot change beyond float rounding. Count on
-``--split train`` (or on other windows) for an out-of-sample figure.
+``--eval-windows`` windows of the validation split, always). Counting on training text keeps the decision apart
+from the data it is judged on; with ``--split val`` (or an analysis.json of validation windows) the counts come
+from the very windows the loss is scored on, so with ``--min-visits 1`` no scored token meets a removed node and
+the loss cannot change beyond float rounding: the report says so when that happens.
 """
 
 from __future__ import annotations
@@ -113,9 +113,13 @@ def build_pruned(model, keeps: list[torch.Tensor], dead_route: str = "sibling"):
 
 def prune(path: str | Path, out: str | Path, min_visits, data: str | Path | None = None,
           windows: int = DEFAULT_WINDOWS, counts: str | Path | None = None, dead_route: str = "sibling",
-          split: str = "val", eval_windows: int | None = None, evaluate: bool = True, device: str = "auto",
-          batch_size: int = 8, force: bool = False, progress: bool = False) -> dict:
-    """Prune the checkpoint at ``path`` into the checkpoint folder ``out``; returns the report (also prune.json)."""
+          split: str = "train", eval_windows: int | None = None, evaluate: bool = True, device: str = "auto",
+          batch_size: int = 8, overwrite: bool = False, progress: bool = False, force: bool = False) -> dict:
+    """Prune the checkpoint at ``path`` into the checkpoint folder ``out``; returns the report (also prune.json).
+
+    Visits are counted on ``split`` (training text by default); the loss before/after is always scored on the
+    validation split. An existing ``out`` is replaced only if it is a checkpoint folder and ``overwrite`` (or its
+    older name ``force``) is set."""
     from . import checkpoint as ckpt
     from .analyze import collect_visits, open_split, require_tree_layers, resolve_data_arg
     from .layers.pruned_tree import DEAD_ROUTES
@@ -126,17 +130,13 @@ def prune(path: str | Path, out: str | Path, min_visits, data: str | Path | None
         raise ConfigError(f"--dead-route must be one of {', '.join(DEAD_ROUTES)} (got '{dead_route}')")
     if windows < 0:
         raise ConfigError(f"--windows must be ≥ 0 (0 = the whole split; got {windows})")
+    if split not in ("train", "val"):
+        raise ConfigError(f"--split must be train or val (got '{split}')")
     dev = resolve_device(device)
     folder = ckpt.resolve(path)
-    out = Path(out)
-    if out.resolve() in (folder.resolve(), Path(path).resolve()) or folder.resolve().is_relative_to(out.resolve()):
-        raise ConfigError(f"--out {out} would overwrite the checkpoint being pruned; choose another folder")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not force:
-            raise ConfigError(f"--out {out} already exists; choose another folder or pass --force to replace it")
-        if not (out / "config.json").is_file() or not (out / "model.safetensors").is_file():
-            # --force replaces a checkpoint folder, never an arbitrary directory
-            raise ConfigError(f"--out {out} exists and is not a treeffn checkpoint folder; refusing to replace it")
+    data_path = data if data not in (None, "sample", "default") else None
+    out = ckpt.check_output_dir(out, "checkpoint", overwrite=overwrite or force,
+                                inputs=[path, folder, counts, data_path])
     model = ckpt.load_model(folder, device=dev)
     layers = require_tree_layers(model, str(path))
     if model.cfg.ffn.kind != "tree" or len(layers) != len(model.ffn_modules()):
@@ -175,6 +175,8 @@ def prune(path: str | Path, out: str | Path, min_visits, data: str | Path | None
         "min_visits": min_visits,
         "dead_route": dead_route,
         "counts_from": str(counts) if counts is not None else f"{split} split, {len(starts)} windows",
+        "counts_split": None if counts is not None else split,
+        "eval_split": "val",
         "data_dir": str(data_dir),
         "tokens_counted": col["tokens"],
         "slots": pruned.ffn_modules()[0].slots,
@@ -205,7 +207,7 @@ def prune(path: str | Path, out: str | Path, min_visits, data: str | Path | None
 
 def format_report(r: dict) -> str:
     lines = [f"pruned {r['source']} -> {r['out']}",
-             f"nodes with < {r['min_visits']} visits removed (counts: {r['counts_from']}, "
+             f"nodes with < {r['min_visits']} visits removed (visits counted on: {r['counts_from']}, "
              f"{r['tokens_counted']:,} tokens); dead route: {r['dead_route']}",
              f"{'layer':>5} {'kept/nodes':>13} {'removed':>8} {'tokens touching removed':>24}"]
     for x in r["layers"]:
@@ -219,8 +221,11 @@ def format_report(r: dict) -> str:
     lines.append(f"tokens whose path touched a removed node: {r['tokens_touched_removed']:.2%}")
     if "val_loss_before" in r:
         d = r["val_loss_after"] - r["val_loss_before"]
-        lines.append(f"val loss ({r['eval_tokens']:,} tokens): {r['val_loss_before']:.4f} -> {r['val_loss_after']:.4f} "
-                     f"({d:+.4f})")
+        lines.append(f"val loss (scored on the validation split, {r['eval_tokens']:,} tokens): "
+                     f"{r['val_loss_before']:.4f} -> {r['val_loss_after']:.4f} ({d:+.4f})")
+        if r.get("counts_split") == "val":
+            lines.append("note: visits were counted on the validation split the loss is scored on (in-sample); "
+                         "count on --split train for an out-of-sample loss change")
     return "\n".join(lines)
 
 
@@ -229,22 +234,24 @@ def add_arguments(p) -> None:
     p.add_argument("dir", help="run directory or checkpoint folder of a tree model")
     p.add_argument("--min-visits", required=True, metavar="N",
                    help="remove nodes visited fewer than N times on the counted tokens (0 keeps everything)")
-    p.add_argument("--out", required=True, help="checkpoint folder to write (must not exist, unless --force)")
+    p.add_argument("--out", required=True, help="checkpoint folder to write (must not exist, unless --overwrite)")
     p.add_argument("--data", default=None,
                    help="prepared data directory, or 'default' / 'sample' "
                         "(default: the data recorded in the checkpoint)")
     p.add_argument("--windows", type=int, default=DEFAULT_WINDOWS,
                    help=f"windows of seq_len tokens to count visits on (default {DEFAULT_WINDOWS}; 0 = whole split)")
-    p.add_argument("--split", choices=["val", "train"], default="val", help="split to count visits on (default val)")
+    p.add_argument("--split", choices=["train", "val"], default="train",
+                   help="split to count visits on (default train; the loss change is always scored on val)")
     p.add_argument("--counts", default=None, metavar="ANALYSIS_JSON",
                    help="reuse the visit counts of an analysis.json from `treeffn analyze` instead of counting")
     p.add_argument("--dead-route", default="sibling",
                    help="tokens routed to a removed child: 'sibling' (go to the surviving child, default) or 'stop' "
                         "(end the walk of that tree)")
     p.add_argument("--eval-windows", type=int, default=None,
-                   help="validation windows for the loss before/after (default: --windows)")
+                   help="windows of the validation split for the loss before/after (default: --windows)")
     p.add_argument("--no-eval", action="store_true", help="skip the validation loss before/after")
-    p.add_argument("--force", action="store_true", help="replace --out if it is an existing checkpoint folder")
+    p.add_argument("--overwrite", "--force", dest="overwrite", action="store_true",
+                   help="replace --out if it is a treeffn checkpoint folder (never any other folder)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -254,7 +261,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     report = prune(args.dir, args.out, args.min_visits, data=args.data, windows=args.windows, counts=args.counts,
                    dead_route=args.dead_route, split=args.split, eval_windows=args.eval_windows,
-                   evaluate=not args.no_eval, device=args.device, batch_size=args.batch_size, force=args.force,
+                   evaluate=not args.no_eval, device=args.device, batch_size=args.batch_size, overwrite=args.overwrite,
                    progress=not args.quiet)
     print(json.dumps(report) if args.json else format_report(report))
     return 0

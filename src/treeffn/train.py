@@ -303,11 +303,14 @@ def train(cfg: Config, out_dir: str | Path, data_dir: str | Path, resume: bool =
 
         bar = tqdm(total=tr.max_steps, initial=state_step, desc="train", unit="step", dynamic_ncols=True)
     summary: dict = {"params": raw_model.num_params()}
-    t_last, tok_s, loss_val = time.perf_counter(), 0.0, float("nan")
+    # tokens/s counts training steps only (forward, backward, optimizer), never evaluation or checkpoint writes:
+    # step time is accumulated per logging window and over the run (the summary's figure)
+    win_time, win_steps, run_time, run_steps, tok_s, loss_val = 0.0, 0, 0.0, 0, 0.0, float("nan")
     step = state_step
     model.train()
     try:
         for step in range(state_step, tr.max_steps):
+            t_step = time.perf_counter()
             lr = lr_at(step, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -337,15 +340,15 @@ def train(cfg: Config, out_dir: str | Path, data_dir: str | Path, resume: bool =
             gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tr.grad_clip) if tr.grad_clip > 0 else None
             opt.step()
             opt.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t_step
+            win_time, win_steps, run_time, run_steps = win_time + dt, win_steps + 1, run_time + dt, run_steps + 1
             loss_val = loss_acc
             done = step + 1
             if bar is not None:
                 bar.update(1)
             if done % tr.log_every == 0 or done == tr.max_steps:
-                now = time.perf_counter()
-                steps_done = tr.log_every if done % tr.log_every == 0 else done % tr.log_every
-                tok_s = steps_done * tokens_per_step / max(1e-9, now - t_last)
-                t_last = now
+                tok_s = win_steps * tokens_per_step / max(1e-9, win_time)
+                win_time, win_steps = 0.0, 0
                 rec = {"step": done, "loss": loss_val, "aux_loss": aux_acc, "lr": lr, "tok_per_s": tok_s}
                 if gnorm is not None:
                     rec["grad_norm"] = float(gnorm)
@@ -372,7 +375,8 @@ def train(cfg: Config, out_dir: str | Path, data_dir: str | Path, resume: bool =
             bar.close()
         log.close()
         raw_model.set_track_stats(False)
-    summary.update({"train_loss": loss_val, "steps": step + 1, "tok_per_s": tok_s, "out": str(out_dir)})
+    summary.update({"train_loss": loss_val, "steps": step + 1, "out": str(out_dir),
+                    "tok_per_s": run_steps * tokens_per_step / run_time if run_steps else 0.0})
     return summary
 
 

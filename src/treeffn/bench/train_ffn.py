@@ -1,8 +1,8 @@
 """`treeffn bench train-ffn`: forward+backward time of the tree layer against the dense MLP of equal training width.
 
-The question (tree-ffn.md, "What users and critics said"): every public tree-FFN implementation trains in O(N), as
-expensive as the dense layer it replaces. ``treeffn.kernels.tree_train`` trains at the cost of the visited path
-(UltraFastBERT form, Belcak & Wattenhofer arXiv 2311.10770; DS-26 placements). This benchmark measures it.
+The question: every public tree-FFN implementation trains in O(N), as expensive as the dense layer it replaces.
+``treeffn.kernels.tree_train`` trains at the cost of the visited path (UltraFastBERT form, Belcak & Wattenhofer
+arXiv 2311.10770; DS-26 placements). This benchmark measures it.
 
 Shapes: M tokens (``--tokens``, 4,096), D model width (512 and 768), K trees, L = depth + 1 levels,
 N = 2^L − 1 nodes per tree, W = 1 unit per node; configurations K×depth = 1x11, 8x8, 16x7, 32x6 (K·N ≈ 4,064–4,095

@@ -5,6 +5,10 @@ Each kernel lives in ``kernels/csrc/<name>.cpp`` and is built with ``torch.utils
 ``~/.cache/treeffn/kernels``), keyed by the source hash, so the second process loads it in milliseconds.
 When no compiler or ninja is available, :func:`load_extension` returns ``None`` once with a one-line warning and
 callers fall back to their PyTorch path. ``TREEFFN_NO_EXT=1`` disables compilation entirely.
+
+``TREEFFN_REQUIRE_EXT=1`` turns that fallback into an error: a kernel that cannot be built (or is disabled with
+``TREEFFN_NO_EXT``) raises :class:`ExtensionRequiredError` instead, so a CI run (``.ci/run`` sets it) cannot go
+green with every kernel test skipped.
 """
 
 from __future__ import annotations
@@ -23,6 +27,14 @@ _LOCK = threading.Lock()
 _CACHE: dict[str, object] = {}
 
 
+class ExtensionRequiredError(RuntimeError):
+    """``TREEFFN_REQUIRE_EXT`` is set and a C++ kernel is unavailable."""
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0")
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("TREEFFN_CACHE", Path.home() / ".cache" / "treeffn"))
 
@@ -37,12 +49,19 @@ def _ensure_ninja_on_path() -> None:
 
 
 def load_extension(name: str, verbose: bool = False):
-    """Build (once) and import the extension ``csrc/<name>.cpp``; ``None`` if it cannot be built."""
+    """Build (once) and import the extension ``csrc/<name>.cpp``; ``None`` if it cannot be built (with
+    ``TREEFFN_REQUIRE_EXT`` set: :class:`ExtensionRequiredError`)."""
     with _LOCK:
         if name in _CACHE:
+            if _CACHE[name] is None and _flag("TREEFFN_REQUIRE_EXT"):
+                raise ExtensionRequiredError(f"treeffn: C++ kernel '{name}' is unavailable and TREEFFN_REQUIRE_EXT "
+                                             "is set")
             return _CACHE[name]
         module = None
-        if os.environ.get("TREEFFN_NO_EXT", "") not in ("", "0"):
+        if _flag("TREEFFN_NO_EXT"):
+            if _flag("TREEFFN_REQUIRE_EXT"):
+                raise ExtensionRequiredError(f"treeffn: C++ kernel '{name}' is disabled by TREEFFN_NO_EXT but "
+                                             "TREEFFN_REQUIRE_EXT is set")
             _CACHE[name] = None
             return None
         try:
@@ -67,6 +86,10 @@ def load_extension(name: str, verbose: bool = False):
                 verbose=verbose,
             )
         except Exception as exc:  # noqa: BLE001 - any build failure means "use the PyTorch path"
+            if _flag("TREEFFN_REQUIRE_EXT"):
+                raise ExtensionRequiredError(
+                    f"treeffn: C++ kernel '{name}' could not be built and TREEFFN_REQUIRE_EXT is set "
+                    f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
             warnings.warn(
                 f"treeffn: C++ kernel '{name}' unavailable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
                 "using the PyTorch path",
