@@ -112,7 +112,14 @@ def test_thresholds_get_no_gradient_and_update_in_training_only():
     c1 = layer.route_threshold.clone()
     assert c1[:, :15].abs().min() > 0, "training should move every inner node's running threshold"
     thr, _ = batch_thresholds(x.detach(), layer.w_in, layer.b_in, 4, torch.zeros_like(c1))
-    torch.testing.assert_close(c1[:, :15], 0.5 * thr[:, :15], msg="running threshold: c += rate·(batch − c)")
+    torch.testing.assert_close(c1[:, :15], thr[:, :15], msg="first batch: the running threshold is its mean")
+    x2 = _aligned_inputs(M=256, seed=2)
+    thr2, _ = batch_thresholds(x2, layer.w_in, layer.b_in, 4, c1)
+    layer(x2)
+    torch.testing.assert_close(layer.route_threshold[:, :15], c1[:, :15] + 0.5 * (thr2[:, :15] - c1[:, :15]),
+                               msg="later batches: c += max(rate, 1/n)·(batch mean − c)")
+    assert float(layer.route_batches) == 2
+    c1 = layer.route_threshold.clone()
     layer.eval()
     with torch.no_grad():
         y_eval, _ = layer(x.detach())
@@ -130,7 +137,8 @@ def test_training_forward_routes_with_the_batch_thresholds():
     y_ref = tree_reference(x.detach(), layer.w_in.detach(), layer.b_in.detach(), layer.w_out.detach(), 4, thr=thr)
     torch.testing.assert_close(y.detach(), y_ref)
     sparse = TreeFFN(32, trees=2, depth=4, balance="threshold", impl="sparse").train()
-    sparse.load_state_dict({**layer.state_dict(), "route_threshold": torch.zeros(2, 31)})
+    sparse.load_state_dict({**layer.state_dict(), "route_threshold": torch.zeros(2, 31),
+                            "route_batches": torch.zeros((), dtype=torch.float64)})
     y2, _ = sparse(x)
     torch.testing.assert_close(y2.detach(), y_ref, rtol=1e-5, atol=1e-5)
 
@@ -155,7 +163,7 @@ def test_checkpoint_without_thresholds_still_loads(tmp_path):
     model = GPT(cfg).eval()
     folder = ckpt.save_checkpoint_dir(tmp_path / "old", model)
     state = ckpt.load_tensors(folder / "model.safetensors")
-    old = {k: v for k, v in state.items() if not k.endswith("route_threshold")}
+    old = {k: v for k, v in state.items() if not k.endswith(("route_threshold", "route_batches"))}
     assert len(old) < len(state)
     from safetensors.torch import save_file
 
@@ -163,6 +171,7 @@ def test_checkpoint_without_thresholds_still_loads(tmp_path):
     loaded = ckpt.load_model(folder)
     for f in loaded.ffn_modules():
         assert torch.equal(f.route_threshold, torch.zeros_like(f.route_threshold))
+        assert float(f.route_batches) == 0, "an old model's running thresholds start afresh"
     faithful = GPT(get_config("debug", {"ffn.kind": "tree", "tree.balance": "none"})).eval()
     faithful.load_state_dict(old, strict=False)  # lm_head is tied to the embedding
     idx = torch.randint(0, 512, (2, 16))
@@ -175,3 +184,43 @@ def test_bad_balance_settings_are_config_errors():
         get_config("debug", {"ffn.kind": "tree", "tree.balance": "median"})
     with pytest.raises(ConfigError, match="tree.balance_rate"):
         get_config("debug", {"ffn.kind": "tree", "tree.balance_rate": 0})
+
+
+def _min_entropy_after(run, step):
+    import json
+
+    recs = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    return min(v for r in recs if r.get("step", 0) > step for k, v in r.items() if k.startswith("tree/path_entropy/"))
+
+
+def test_default_tree_does_not_collapse_where_the_faithful_one_does(tmp_path, sample_data):
+    """The early-training collapse, reproduced in seconds: the faithful layer puts (nearly) every token of a layer on
+    one path by step ~20; the default setting (routing thresholds) keeps path entropy high throughout."""
+    from treeffn.train import train
+
+    entropy = {}
+    for balance in ("none", "threshold"):
+        cfg = get_config("debug", {"ffn.kind": "tree", "tree.balance": balance, "train.max_steps": 30,
+                                   "train.stats_every": 2, "train.log_every": 2, "train.eval_every": 30})
+        train(cfg, tmp_path / balance, sample_data, progress=False, tensorboard=False)
+        entropy[balance] = _min_entropy_after(tmp_path / balance, 10)
+    assert get_config("debug", {"ffn.kind": "tree"}).tree.balance == "threshold", "the default must be balanced"
+    assert entropy["none"] < 0.3, f"the faithful layer no longer collapses here ({entropy['none']:.3f}): the " \
+                                  "regression check below has lost its contrast"
+    assert entropy["threshold"] > 0.8, f"default tree collapsed: path entropy {entropy['threshold']:.3f} after step 10"
+
+
+def test_thresholds_saved_without_their_batch_count_are_kept(tmp_path):
+    cfg = get_config("debug", {"ffn.kind": "tree"})
+    model = GPT(cfg)
+    for f in model.ffn_modules():
+        f.route_threshold.normal_()
+    folder = ckpt.save_checkpoint_dir(tmp_path / "ck", model)
+    state = ckpt.load_tensors(folder / "model.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({k: v for k, v in state.items() if not k.endswith("route_batches")}, str(folder / "model.safetensors"))
+    loaded = ckpt.load_model(folder)
+    for a, b in zip(loaded.ffn_modules(), model.ffn_modules()):
+        assert torch.equal(a.route_threshold, b.route_threshold)
+        assert float(a.route_batches) >= 1e6, "settled thresholds must not be reset by the 1/n warm-up"

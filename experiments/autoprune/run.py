@@ -58,7 +58,7 @@ def color(r: dict, base_lr: float) -> str:
 def shape_overrides(args, lr: float) -> dict:
     """The small shape: 2 layers of d_model 128, two trees of depth 7 (255 nodes, 8 on a path) per layer."""
     return {
-        "ffn.kind": "tree",
+        "ffn.kind": "tree", "tree.balance": args.balance,
         "model.d_model": 128, "model.n_layer": 2, "model.n_head": 4, "model.seq_len": 128,
         "tree.trees": 2, "tree.depth": 7,
         "train.batch_size": 8, "train.max_steps": args.steps, "train.lr": lr,
@@ -143,8 +143,8 @@ def analysed(run: Path, redo: bool) -> tuple[dict, dict]:
         pr = json.loads(p_file.read_text())
         if "val_loss_after" in pr and pr.get("min_visits") == 1:
             return res, pr
-    res = analyze(run, windows=64, out=run / "analysis", progress=False)
-    pr = prune(run, run / "pruned", 1, windows=64, split="train", eval_windows=64, force=True)
+    res = analyze(run, windows=64, out=run / "analysis", progress=False, overwrite=True)
+    pr = prune(run, run / "pruned", 1, windows=64, split="train", eval_windows=64, overwrite=True)
     return res, pr
 
 
@@ -416,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=150, help="training steps per run (default 150)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--balance", default="none", choices=("none", "threshold"),
+                   help="tree.balance of every run (default none: the layer as published, what DS-26 describes)")
     p.add_argument("--out", default=str(ROOT / "runs" / "autoprune"), help="where the runs go (default runs/autoprune)")
     p.add_argument("--data", default=None, help="prepared data directory (default: the default corpus)")
     p.add_argument("--docs", default=str(ROOT / "docs" / "autoprune.md"), help="report to write")

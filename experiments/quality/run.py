@@ -10,6 +10,7 @@ schedule), the same seed-determined batches and the same token budget; only the 
     tree-node-faithful    the same without thresholds (UFB-23 / DS-26 as published)
     tree-output(-faithful) φ after the per-tree accumulation (DS-26's balanced variant), with / without thresholds
     tree-1x7w4            one tree of depth 7 with 4 units per node: 32 active of 1,020, contiguous blocks
+    topk-32of1020         GELU MLP of 1,020 units keeping its 32 largest activations per token (trained sparsity)
 
     .venv/bin/python experiments/quality/run.py                       # the default plan, in priority order
     .venv/bin/python experiments/quality/run.py --runs tree-node,dense-1020 --seeds 0,1,2 --steps 1200
@@ -18,7 +19,9 @@ schedule), the same seed-determined batches and the same token budget; only the 
 
 Each run is a ``treeffn train --resume`` subprocess checkpointing every 100 steps into ``--out/<name>-s<seed>-
 <steps>``: stop the study at any time and start it again, and it continues where it stopped; finished runs are
-reused, and so are their evaluations. ``--max-minutes`` stops launching new runs after that long. The report lists
+reused, and so are their evaluations. A finished, evaluated run is also summarised (metrics, routing statistics,
+curves, commit) in ``docs/quality/runs/<run>.json``; those summaries are committed, so a later checkout rebuilds the
+report and skips finished runs without their checkpoints. ``--max-minutes`` stops launching new runs after that long. The report lists
 the runs that exist (a run still in progress is listed as such) and the commit each ran. Evaluation: the full
 validation split (464k tokens), routing statistics of tree layers on 256 validation windows (``treeffn analyze``).
 Decoding speed is measured only with ``--speed``, one model after another in this process, and never while a
@@ -57,13 +60,15 @@ RUNS: dict[str, tuple[str, dict]] = {
                              {"ffn.kind": "tree", "tree.placement": "output", "tree.balance": "none"}),
     "tree-1x7w4": ("tree 1x7, 4 units per node, routing thresholds",
                    {"ffn.kind": "tree", "tree.trees": 1, "tree.node_width": 4}),
+    "topk-32of1020": ("GELU MLP of 1,020 units, 32 largest activations kept",
+                      {"ffn.kind": "topk", "ffn.hidden": 1020, "ffn.active": 32}),
 }
 
 # (name, seed, steps) in priority order: the one-epoch comparison first, then seeds, then the longer pair.
 EPOCH = 1200  # 1,200 × 16 × 256 = 4.9M tokens ≈ one epoch of the default corpus's 4.8M training tokens
 DEFAULT_PLAN = (
     [(n, 0, EPOCH) for n in ("tree-node", "dense-1020", "dense-32", "tree-node-faithful", "tree-output",
-                             "tree-output-faithful", "moe-top1", "moe-top2", "tree-1x7w4")]
+                             "tree-output-faithful", "moe-top1", "moe-top2", "tree-1x7w4", "topk-32of1020")]
     + [(n, s, EPOCH) for s in (1, 2) for n in ("dense-1020", "tree-node")]
     + [(n, 0, 3 * EPOCH) for n in ("dense-1020", "tree-node")]
 )
@@ -136,7 +141,7 @@ def evaluated(run: Path, data: Path) -> dict:
     res = evaluate_checkpoint(run, data, windows=0, batch_size=8, progress=False)
     cfg = ckpt.load_config(ckpt.resolve(run))
     if cfg.ffn.kind == "tree":
-        a = analyze(run, data, windows=256, plots=False, progress=False)
+        a = analyze(run, data, windows=256, plots=False, progress=False, overwrite=True)
         res["routing"] = {"mean": a["mean"], "worst": {
             "dead_nodes": max(r["dead_nodes"] for r in a["layers"]),
             "leaf_util": min(r["leaf_util"] for r in a["layers"]),
@@ -163,9 +168,14 @@ def measure_speed(run: Path) -> dict:
     return rec
 
 
+DIAG = ("align", "centre", "margin", "live_grad", "u_norm", "b_abs")
+
+
 def training_curves(run: Path) -> dict:
-    """From metrics.jsonl: validation loss against tokens, and per-layer routing statistics against steps."""
+    """From metrics.jsonl: validation loss against tokens, and per-layer routing statistics against steps
+    (``diag``: step -> {quantity: per layer, per level lists} of ``layers.tree.routing_diagnostics``)."""
     val, ent, dead, align, tok_s = [], [], [], [], []
+    diag: list = []
     tokens_per_step = 16 * 256
     for ln in (run / "metrics.jsonl").read_text().splitlines():
         if not ln.strip():
@@ -179,18 +189,34 @@ def training_curves(run: Path) -> dict:
             dead.append((r["step"], [r[k.replace("path_entropy", "dead_nodes")] for k in layers]))
             if all(k.replace("path_entropy", "align") in r for k in layers):
                 align.append((r["step"], [r[k.replace("path_entropy", "align")] for k in layers]))
+            d = {}
+            for q in DIAG:
+                key = "align" if q == "align" else f"{q}_levels"
+                per_layer = [r.get(k.replace("path_entropy", key)) for k in layers]
+                if all(v is not None for v in per_layer):
+                    d[q] = per_layer
+            if d:
+                diag.append((r["step"], d))
         if "tok_per_s" in r:
             tok_s.append(r["tok_per_s"])
-    return {"val": val, "entropy": ent, "dead": dead, "align": align,
+    return {"val": val, "entropy": ent, "dead": dead, "align": align, "diag": diag,
             "train_tok_per_s": statistics.median(tok_s) if tok_s else float("nan")}
 
 
 # ---- report ----------------------------------------------------------------------------------------------------
-def collect(out: Path, data: Path, plan: list[tuple[str, int, int]], speed: bool) -> list[dict]:
+def summary_path(docs: Path, name: str, seed: int, steps: int) -> Path:
+    return docs.parent / "quality" / "runs" / f"{name}-s{seed}-{steps}.json"
+
+
+def collect(out: Path, data: Path, plan: list[tuple[str, int, int]], speed: bool, docs: Path) -> list[dict]:
+    """Rows for the report: live run folders first, else the committed summaries of finished runs."""
     rows = []
     for name, seed, steps in plan:
         run = run_dir(out, name, seed, steps)
+        summary = summary_path(docs, name, seed, steps)
         if not (run / "metrics.jsonl").is_file():
+            if summary.is_file():
+                rows.append(json.loads(summary.read_text()))
             continue
         done = steps_done(run)
         row = {"name": name, "seed": seed, "steps": steps, "done": done, "run": run,
@@ -202,6 +228,10 @@ def collect(out: Path, data: Path, plan: list[tuple[str, int, int]], speed: bool
                 row["speed"] = measure_speed(run)
             elif (run / "speed.json").is_file():
                 row["speed"] = json.loads((run / "speed.json").read_text())
+            elif summary.is_file() and "speed" in json.loads(summary.read_text()):
+                row["speed"] = json.loads(summary.read_text())["speed"]
+            summary.parent.mkdir(parents=True, exist_ok=True)
+            summary.write_text(json.dumps({k: v for k, v in row.items() if k != "run"}, indent=1) + "\n")
         rows.append(row)
     return rows
 
@@ -250,6 +280,42 @@ def plot(rows: list[dict], fig_dir: Path) -> list[Path]:
     fig.tight_layout()
     paths.append(fig_dir / "curves.png")
     fig.savefig(paths[-1])
+
+    trees = [r for r in rows if r["curves"].get("diag")]
+    if trees:
+        fig = Figure(figsize=(15, 7.5), dpi=110)
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(2, 3).reshape(-1)
+        panels = [
+            ("align", lambda d: sum(d["align"]) / len(d["align"]),
+             "routing-input alignment (mean cosine between tokens), mean of layers"),
+            ("centre", lambda d: sum(v[0] for v in d["centre"]) / len(d["centre"]),
+             "root: |mean s − c| / std s (≫ 1: all tokens go one way)"),
+            ("centre", lambda d: sum(sum(v[:-1]) / (len(v) - 1) for v in d["centre"]) / len(d["centre"]),
+             "inner nodes: |mean s − c| / std s, mean of levels"),
+            ("live_grad", lambda d: sum(sum(v) / len(v) for v in d["live_grad"]) / len(d["live_grad"]),
+             "visited units with φ'(λ) > 0.05"),
+            ("u_norm", lambda d: sum(v[0] for v in d["u_norm"]) / len(d["u_norm"]), "root ‖u‖ (solid) and |b| (dotted)"),
+            ("margin", lambda d: sum(sum(v[:-1]) / (len(v) - 1) for v in d["margin"]) / len(d["margin"]),
+             "routing margin |s − c|, inner levels"),
+        ]
+        for ax, (q, f, title) in zip(axes, panels):
+            for r in trees:
+                pts = [(st, f(d)) for st, d in r["curves"]["diag"] if q in d]
+                if not pts:
+                    continue
+                line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"{r['name']} s{r['seed']}")
+                if q == "u_norm":
+                    b = [(st, sum(v[0] for v in d["b_abs"]) / len(d["b_abs"])) for st, d in r["curves"]["diag"]
+                         if "b_abs" in d]
+                    ax.plot([p[0] for p in b], [p[1] for p in b], ":", color=line.get_color())
+            ax.set_xscale("symlog", linthresh=50)
+            ax.set_xlabel("step")
+            ax.set_title(title, fontsize=9)
+        axes[0].legend(fontsize=6)
+        fig.tight_layout()
+        paths.append(fig_dir / "diagnosis.png")
+        fig.savefig(paths[-1])
 
     done = [r for r in rows if "eval" in r and r["steps"] == EPOCH]
     if done:
@@ -305,8 +371,10 @@ def write_report(rows: list[dict], docs: Path, figs: list[Path], command: str) -
     for (name, steps), rs in groups.items():
         fin = [r for r in rs if "eval" in r]
         if not fin:
+            at = [max([r["done"]] + [st for st, _ in r["curves"]["entropy"]] + [t // 4096 for t, _ in r["curves"]["val"]])
+                  for r in rs]
             lines.append(f"| {name} | {RUNS[name][0]} | {steps} | | | in progress: step "
-                         f"{', '.join(str(r['done']) for r in rs)} | | | | | | |")
+                         f"{', '.join(str(a) for a in at)} | | | | | | |")
             continue
         e0 = fin[0]["eval"]
         vl = fmt_mean([r["eval"]["val_loss"] for r in fin])
@@ -360,14 +428,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         for name, seed, steps in plan:
             run = run_dir(args.out, name, seed, steps)
-            if steps_done(run) >= steps:
+            if steps_done(run) >= steps or (not run.exists() and summary_path(args.docs, name, seed, steps).is_file()):
                 continue
             if args.max_minutes and time.time() - t0 > 60 * args.max_minutes:
                 print(f"--max-minutes reached; {run.name} and later runs not started", flush=True)
                 break
             train_run(name, seed, steps, run, data)
     full_plan = plan if args.runs else DEFAULT_PLAN
-    rows = collect(args.out, data, full_plan, args.speed)
+    rows = collect(args.out, data, full_plan, args.speed, args.docs)
     figs = plot(rows, args.docs.parent / "quality")
     command = "python experiments/quality/run.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])
                                                      if (argv if argv is not None else sys.argv[1:]) else "")

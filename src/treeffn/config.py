@@ -43,9 +43,10 @@ class ModelConfig:
 
 @dataclass
 class FFNConfig:
-    kind: str = "dense"  # any name in treeffn.layers.FFN_REGISTRY: dense | swiglu | moe | tree
-    hidden: int = 512  # dense / swiglu width; width of each MoE expert
+    kind: str = "dense"  # any name in treeffn.layers.FFN_REGISTRY: dense | swiglu | topk | moe | tree
+    hidden: int = 512  # dense / swiglu / topk width; width of each MoE expert
     activation: str = "gelu"  # dense MLP nonlinearity
+    active: int = 32  # ffn.kind=topk: units kept per token (the k largest activations)
 
 
 @dataclass
@@ -195,6 +196,8 @@ class Config:
         if f.kind not in FFN_REGISTRY:
             raise ConfigError(f"unknown ffn.kind '{f.kind}'; choose one of {', '.join(sorted(FFN_REGISTRY))}")
         _positive("ffn.hidden", f.hidden)
+        if f.kind == "topk" and not 1 <= f.active <= f.hidden:
+            raise ConfigError(f"ffn.active ({f.active}) must be between 1 and ffn.hidden ({f.hidden})")
         _positive("tree.trees", t.trees)
         _positive("tree.node_width", t.node_width)
         if t.depth < 0:
@@ -236,6 +239,8 @@ class Config:
             ffn = f"tree {t.trees}x{t.depth} w{t.node_width} {t.activation}/{t.placement}"
             if t.balance != "none":
                 ffn += f" balance={t.balance}@{t.balance_rate:g}"
+        elif f.kind == "topk":
+            ffn = f"topk {f.active} of {f.hidden}"
         elif f.kind == "moe":
             ffn = f"moe {self.moe.experts}e top-{self.moe.top_k} x{f.hidden}"
         else:

@@ -8,11 +8,11 @@ Shapes: M tokens, D model width, K trees, L = depth + 1 levels, N = 2^L − 1 no
 ``thr`` holds per-node routing thresholds (``tree.balance``): right child iff Σ_w λ > thr_j (0 without it).
 
 The maths (routing on the sign of a node's summed responses, "node" and "output" placements) is defined in
-:mod:`treeffn.layers.tree`; ``tree_reference`` there is the slow ground truth both paths here are tested against.
+:mod:`treeffn.layers.tree`; ``tree_reference`` (:mod:`treeffn.ops.tree`) is the slow ground truth both paths here are tested against.
 
 Why a fused kernel: a token touches K·L of the K·N nodes, but walking the tree with one framework op per level
-costs microseconds per op, which at batch 1 is more than the arithmetic of the whole walk (tree-ffn.md, "Measured
-here": a PyTorch walk reaches 2.9x of an ideal 341x). ``csrc/tree_infer.cpp`` walks all trees and levels of all
+costs microseconds per op, which at batch 1 is more than the arithmetic of the whole walk (the
+``tree-torch`` row of ``treeffn bench layer``: a PyTorch walk is far from the ideal ratio at batch 1). ``csrc/tree_infer.cpp`` walks all trees and levels of all
 tokens in one call, so a batch-1 call costs a few microseconds.
 
 Implementations (``impl``):
@@ -30,14 +30,12 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from ..layers.activations import ACTIVATIONS, activation_fn
+from ..ops.activations import ACT_CODE as _ACT_CODE
+from ..ops.activations import activation_fn
+from ..ops.tree import PLACEMENT_CODE as _PLACEMENT_CODE
 from .build import load_extension
 
-# Codes shared with csrc/tree_infer.cpp.
-_ACT_CODE = {name: i for i, name in enumerate(("gelu", "relu", "tanh", "silu", "identity"))}
-_PLACEMENT_CODE = {"node": 0, "output": 1}
 _CPP_DTYPES = (torch.float32, torch.bfloat16)
-assert set(_ACT_CODE) == set(ACTIVATIONS)
 
 _ext = None  # the loaded module, cached so the hot path is one global read
 _ext_tried = False

@@ -2,7 +2,7 @@
 
 The layer is the UltraFastBERT form (Belcak & Wattenhofer, arXiv 2311.10770, eq. for y(x) = Σ_t φ(λ_(j_t)) v_(j_t))
 with DS-26's two placements of φ (Sedghi et al., arXiv 2604.08565); :mod:`treeffn.layers.tree` defines the maths and
-``tree_reference`` there, the masked dense simulation, is the ground truth this module is tested against.
+``tree_reference`` (:mod:`treeffn.ops.tree`), the masked dense simulation, is the ground truth this module is tested against.
 
 Shapes: M tokens, D model width, K trees, L = depth + 1 levels, N = 2^L − 1 nodes per tree, W units per node.
 
@@ -43,15 +43,13 @@ import warnings
 import torch
 
 from ..errors import ConfigError
-from ..layers.activations import ACTIVATIONS, activation_fn, activation_grad
-from ..layers.tree import PLACEMENTS
+from ..ops.activations import ACT_CODE as _ACT_CODE
+from ..ops.activations import ACTIVATIONS, activation_fn, activation_grad
+from ..ops.tree import PLACEMENT_CODE as _PLACEMENT_CODE
+from ..ops.tree import PLACEMENTS
 from .build import load_extension
 
-# Codes shared with csrc/tree_train.cpp.
-_ACT_CODE = {name: i for i, name in enumerate(("gelu", "relu", "tanh", "silu", "identity"))}
-_PLACEMENT_CODE = {"node": 0, "output": 1}
 _CPP_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
-assert set(_ACT_CODE) == set(ACTIVATIONS) and set(_PLACEMENT_CODE) == set(PLACEMENTS)
 IMPLS = ("auto", "cpp", "torch")
 
 # Torch path: bound on gathered elements per level (tokens of a chunk × K × W × D); a few such temporaries are alive

@@ -14,6 +14,7 @@ from torch import nn
 
 from .dense import DenseMLP, SwiGLU
 from .moe import MoE
+from .topk import TopKMLP
 from .tree import TreeFFN
 
 FFN_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
@@ -35,6 +36,11 @@ def _dense(cfg) -> nn.Module:
 @register_ffn("swiglu")
 def _swiglu(cfg) -> nn.Module:
     return SwiGLU(cfg.model.d_model, cfg.ffn.hidden)
+
+
+@register_ffn("topk")
+def _topk(cfg) -> nn.Module:
+    return TopKMLP(cfg.model.d_model, cfg.ffn.hidden, cfg.ffn.active, cfg.ffn.activation, cfg.model.bias)
 
 
 @register_ffn("moe")
@@ -59,4 +65,4 @@ from . import mode as _mode  # noqa: E402,F401  registers "mode" (integrated MoD
 from . import pruned_tree as _pruned_tree  # noqa: E402,F401  registers "tree_pruned" (treeffn prune)
 
 
-__all__ = ["FFN_REGISTRY", "register_ffn", "build_ffn", "DenseMLP", "SwiGLU", "MoE", "TreeFFN"]
+__all__ = ["FFN_REGISTRY", "register_ffn", "build_ffn", "DenseMLP", "SwiGLU", "MoE", "TopKMLP", "TreeFFN"]

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .activations import activation_fn
+from ..ops.activations import activation_fn
 
 
 class DenseMLP(nn.Module):

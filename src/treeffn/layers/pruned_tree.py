@@ -45,8 +45,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .activations import ACTIVATIONS, activation_fn
-from .tree import PLACEMENTS, num_nodes
+from ..ops.activations import ACTIVATIONS, activation_fn
+from ..ops.tree import PLACEMENTS, num_nodes
 
 DEAD_ROUTES = ("sibling", "stop")
 

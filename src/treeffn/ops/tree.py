@@ -1,0 +1,187 @@
+"""Reference definition of the tree feed-forward layer (UFB-23 form, DS-26 placements), with routing thresholds.
+
+The maths is documented in :mod:`treeffn.layers.tree` (the module users meet); this file holds the slow,
+obviously correct functions every fast path (``treeffn.kernels``) is tested against, and the routing statistics.
+
+Shapes: M tokens, D model width, K trees, L = depth + 1 levels, N = 2^L − 1 nodes per tree, W units per node;
+w_in, w_out (K, N, W, D), b_in (K, N, W) or None, thresholds (K, N) or None, paths (M, K, L) int64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError
+from .activations import activation_fn, activation_grad
+
+PLACEMENTS = ("node", "output")
+PLACEMENT_CODE = {name: i for i, name in enumerate(PLACEMENTS)}  # the codes of kernels/csrc/*.cpp
+BALANCES = ("none", "threshold")
+
+
+def num_nodes(depth: int) -> int:
+    return 2 ** (depth + 1) - 1
+
+
+@torch.no_grad()
+def tree_paths(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, depth: int,
+               thr: torch.Tensor | None = None, return_scores: bool = False):
+    """Visited node index per token, tree and level: (M, K, L) int64. Never carries gradient.
+
+    ``thr`` (K, N): per-node routing thresholds (right iff s > thr; 0 without). With ``return_scores`` also the
+    scores s = Σ_w λ at the visited nodes, (M, K, L) in x's dtype.
+    """
+    M = x.shape[0]
+    K, N, W, D = w_in.shape
+    node = torch.zeros(M, K, dtype=torch.long, device=x.device)  # (M, K)
+    out = torch.empty(M, K, depth + 1, dtype=torch.long, device=x.device)
+    scores = torch.empty(M, K, depth + 1, dtype=x.dtype, device=x.device) if return_scores else None
+    k_idx = torch.arange(K, device=x.device)
+    for t in range(depth + 1):
+        out[:, :, t] = node
+        if t == depth and not return_scores:
+            break
+        u = w_in[k_idx, node]  # (M, K, W, D)
+        s = torch.einsum("mkwd,md->mk", u.to(x.dtype), x)
+        if b_in is not None:
+            s = s + b_in[k_idx, node].sum(-1).to(x.dtype)
+        if scores is not None:
+            scores[:, :, t] = s
+        if t < depth:
+            cut = 0.0 if thr is None else thr[k_idx, node].to(x.dtype)  # (M, K)
+            node = 2 * node + 1 + (s > cut).long()
+    return (out, scores) if return_scores else out
+
+
+def tree_reference(
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    b_in: torch.Tensor | None,
+    w_out: torch.Tensor,
+    depth: int,
+    activation: str = "gelu",
+    placement: str = "node",
+    paths: torch.Tensor | None = None,
+    thr: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Masked dense simulation: every node is computed, unvisited ones are zeroed. x (M, D) -> y (M, D).
+
+    The slow, obviously correct reference every fast path is tested against. Gradients flow only through the
+    visited nodes (the mask is a constant), and never into the routing decision.
+    """
+    K, N, W, D = w_in.shape
+    phi = activation_fn(activation)
+    if paths is None:
+        paths = tree_paths(x, w_in, b_in, depth, thr)  # (M, K, L)
+    mask = torch.zeros(x.shape[0], K, N, dtype=x.dtype, device=x.device)
+    mask.scatter_(2, paths, 1.0)  # (M, K, N)
+    lam = torch.einsum("md,knwd->mknw", x, w_in)
+    if b_in is not None:
+        lam = lam + b_in
+    if placement == "node":
+        h = phi(lam) * mask.unsqueeze(-1)  # (M, K, N, W)
+        return torch.einsum("mknw,knwd->md", h, w_out)
+    if placement == "output":
+        z = torch.einsum("mknw,knwd->mkd", lam * mask.unsqueeze(-1), w_out)  # (M, K, D)
+        return phi(z).sum(1)
+    raise ConfigError(f"unknown tree placement '{placement}'; choose one of {', '.join(PLACEMENTS)}")
+
+
+@torch.no_grad()
+def batch_thresholds(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, depth: int,
+                     fallback: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-node thresholds from the batch itself: c_kj = mean of s_kj over the tokens that reach node kj, level by
+    level (tokens route on their deviation from it). x (M, D) -> (c (K, N) fp32, seen (K, N) bool); nodes no token
+    reaches keep ``fallback``'s value. Under DDP the statistics of every level are summed over the ranks first.
+    """
+    M, D = x.shape
+    K, N, W, _ = w_in.shape
+    dev = x.device
+    dist = torch.distributed
+    multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    c = fallback.detach().clone().float()
+    seen = torch.zeros(K, N, dtype=torch.bool, device=dev)
+    k_idx = torch.arange(K, device=dev)
+    node = torch.zeros(M, K, dtype=torch.long, device=dev)  # (M, K) global node index at level t
+    xf = x.float()
+    for t in range(depth):
+        width, first = 2 ** t, 2 ** t - 1
+        if width <= 16:  # all nodes of the level at once: (M, K, width), then pick each token's node
+            lvl = w_in[:, first:first + width].float().sum(2)  # (K, width, D)
+            s = torch.einsum("md,kjd->mkj", xf, lvl).gather(2, (node - first).unsqueeze(-1)).squeeze(-1)
+        else:
+            s = torch.einsum("mkd,md->mk", w_in[k_idx, node].float().sum(2), xf)
+        if b_in is not None:
+            s = s + b_in[k_idx, node].float().sum(-1)
+        local = node - first + (k_idx * width).view(1, K)  # (M, K) index within the level, all trees
+        sums = torch.zeros(K * width, dtype=torch.float64, device=dev).index_add_(0, local.reshape(-1),
+                                                                                  s.reshape(-1).double())
+        counts = torch.bincount(local.reshape(-1), minlength=K * width).double()
+        if multi:
+            both = torch.stack([sums, counts])
+            dist.all_reduce(both)
+            sums, counts = both[0], both[1]
+        hit = (counts > 0).view(K, width)
+        mean = (sums / counts.clamp_min(1)).float().view(K, width)
+        lvl_c = c[:, first:first + width]
+        lvl_c[hit] = mean[hit]
+        seen[:, first:first + width] = hit
+        node = 2 * node + 1 + (s > lvl_c.reshape(-1)[local]).long()
+    return c, seen
+
+
+@torch.no_grad()
+def visit_counts(paths: torch.Tensor, n_nodes: int) -> torch.Tensor:
+    """paths (M, K, L) -> visits per tree and node (K, N), int64."""
+    M, K, L = paths.shape
+    flat = paths + torch.arange(K, device=paths.device).view(1, K, 1) * n_nodes
+    return torch.bincount(flat.reshape(-1), minlength=K * n_nodes).view(K, n_nodes)
+
+
+@torch.no_grad()
+def routing_diagnostics(x: torch.Tensor, lam: torch.Tensor, thr: torch.Tensor | None, paths: torch.Tensor,
+                        w_in: torch.Tensor, b_in: torch.Tensor | None, activation: str,
+                        eps: float = 0.05, max_tokens: int = 1024) -> dict[str, torch.Tensor]:
+    """What tells the causes of a routing collapse apart, for one layer and one batch.
+
+    x (M, D) routing inputs, lam (M, K, L, W) visited responses, paths (M, K, L). Returns detached tensors:
+
+    * ``align``: mean cosine similarity between the routing inputs of two different tokens (1 = all alike);
+    * ``margin`` (L,): mean |s − c| per level, s = Σ_w λ, c the node's threshold (0 without balance);
+    * ``centre`` (L,): per level, mean over visited nodes of |mean_node(s) − c| / std_node(s) (token-weighted):
+      ≫ 1 means the node sends its tokens one way whatever they are;
+    * ``u_norm``, ``b_abs`` (L,): mean ‖Σ_w u‖ and |Σ_w b| of the nodes of each level;
+    * ``live_grad`` (L,): fraction of visited units with φ'(λ) > eps (gradient reaches them, "node" placement).
+    """
+    M, K, L, W = lam.shape
+    N = w_in.shape[1]
+    xs = x[:: max(1, M // max_tokens)].float()
+    n = xs.shape[0]
+    xn = torch.nn.functional.normalize(xs, dim=-1)
+    tot = xn.sum(0)
+    align = (tot @ tot - n) / max(1, n * (n - 1))
+    s = lam.sum(-1).double()  # (M, K, L)
+    cut = thr.double()[torch.arange(K, device=x.device).view(1, K, 1), paths] if thr is not None else torch.zeros_like(s)
+    margin = (s - cut).abs().mean((0, 1))
+    flat = (paths + torch.arange(K, device=x.device).view(1, K, 1) * N).reshape(-1)
+    cnt = torch.bincount(flat, minlength=K * N).double()
+    s1 = torch.zeros(K * N, dtype=torch.float64, device=x.device).index_add_(0, flat, s.reshape(-1))
+    s2 = torch.zeros(K * N, dtype=torch.float64, device=x.device).index_add_(0, flat, (s * s).reshape(-1))
+    mean = s1 / cnt.clamp_min(1)
+    std = (s2 / cnt.clamp_min(1) - mean * mean).clamp_min(0).sqrt()
+    c_all = thr.double().reshape(-1) if thr is not None else torch.zeros_like(mean)
+    off = (mean - c_all).abs() / std.clamp_min(1e-6)
+    centre = []
+    u_sum = w_in.detach().float().sum(2).norm(dim=-1)  # (K, N)
+    b_sum = b_in.detach().float().sum(2).abs() if b_in is not None else torch.zeros_like(u_sum)
+    u_norm, b_abs = [], []
+    for t in range(L):
+        sl = slice(2 ** t - 1, 2 ** (t + 1) - 1)
+        ct = cnt.view(K, N)[:, sl]
+        ok = ct > 1
+        centre.append((off.view(K, N)[:, sl][ok] * ct[ok]).sum() / ct[ok].sum().clamp_min(1))
+        u_norm.append(u_sum[:, sl].mean())
+        b_abs.append(b_sum[:, sl].mean())
+    live = (activation_grad(activation, lam.float()).abs() > eps).double().mean((0, 1, 3))
+    return {"align": align.double(), "margin": margin, "centre": torch.stack(centre),
+            "u_norm": torch.stack(u_norm).double(), "b_abs": torch.stack(b_abs).double(), "live_grad": live}
