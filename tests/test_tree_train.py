@@ -337,3 +337,39 @@ def test_bench_smoke(capsys):
             # each speed-up is the dense time over this one's (both as reported, rounded)
             assert r["speedup_vs_dense"] == pytest.approx(dense / r["ms"], rel=0.01, abs=0.002)
         assert by_impl["dense"]["speedup_vs_dense"] == 1.0
+
+
+_THREAD_LIMIT_SCRIPT = """
+import torch
+from treeffn.kernels.tree_train import tree_train
+from treeffn.layers.tree import tree_reference
+torch.set_num_threads(4)  # the kernel plans 4 threads; OMP_THREAD_LIMIT=1 gives it a team of one
+g = torch.Generator().manual_seed(0)
+K, depth, W, D, M = 6, 4, 1, 64, 600
+N = 2 ** (depth + 1) - 1
+ins = [torch.randn(M, D, generator=g), torch.randn(K, N, W, D, generator=g) / 8,
+       torch.randn(K, N, W, generator=g) / 8, torch.randn(K, N, W, D, generator=g) / 8]
+ins = [t.requires_grad_() for t in ins]
+dy = torch.randn(M, D, generator=g)
+y, _ = tree_train(*ins, depth, "gelu", "node", impl="cpp")
+got = torch.autograd.grad(y, ins, dy)
+ref_in = [t.detach().clone().requires_grad_() for t in ins]
+want = torch.autograd.grad(tree_reference(*ref_in, depth, "gelu", "node"), ref_in, dy)
+for a, b in zip(got, want):
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not _cpp_available(), reason="the tree_train C++ extension could not be built")
+def test_cpp_backward_under_a_thread_limit():
+    """The backward plans its schedule for torch's thread count; a thread limit (or a nested parallel region) can give
+    it a smaller OpenMP team, whose per-thread dx buffers must then be the only ones summed."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_THREAD_LIMIT": "1"}
+    res = subprocess.run([sys.executable, "-c", _THREAD_LIMIT_SCRIPT], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]

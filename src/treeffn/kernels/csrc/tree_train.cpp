@@ -337,8 +337,12 @@ struct Shape {
 
 // torch's intra-op thread count, or 1 when the parallel section has too little work to pay for waking threads
 // (~2^16 multiply-adds, tens of microseconds): small batches and gradcheck-sized problems run serially.
+// The team size a call plans for: 1 for small work and inside another parallel region (as the inference kernel).
+// OpenMP may still give a region fewer threads (OMP_THREAD_LIMIT, nesting limits), so code inside a region reads
+// its team size with omp_get_num_threads() and never assumes this count.
 inline int num_threads(int64_t work) {
-  return work < (int64_t(1) << 16) ? 1 : std::max(1, at::get_num_threads());
+  if (work < (int64_t(1) << 16) || at::in_parallel_region()) return 1;
+  return std::max(1, at::get_num_threads());
 }
 
 // ---- forward ----------------------------------------------------------------------------------------------------
@@ -675,7 +679,7 @@ void backward_impl(const Shape& s, const T* x, const T* w_in, const T* w_out, co
     std::vector<std::vector<A>> dx_extra(need_dx ? nt - 1 : 0);
 #pragma omp parallel num_threads(nt)
     {
-      const int tid = omp_get_thread_num();
+      const int tid = omp_get_thread_num(), team = omp_get_num_threads();  // team <= nt
       A* dxb = nullptr;
       if (need_dx) {
         if (tid == 0) {
@@ -689,10 +693,10 @@ void backward_impl(const Shape& s, const T* x, const T* w_in, const T* w_out, co
                          gw_out);
 #pragma omp for schedule(static, 1)
       for (int64_t k = 0; k < K; ++k) tb.run(k, order.data() + k * M, 0, M, dxb, partials[tid]);
-      if (need_dx && nt > 1) {  // dx_acc += the other threads' buffers, rows split between threads
+      if (need_dx && team > 1) {  // dx_acc += the other threads' buffers (of this team), rows split between threads
 #pragma omp for schedule(static)
         for (int64_t m = 0; m < M; ++m)
-          for (int j = 0; j + 1 < nt; ++j) {
+          for (int j = 0; j + 1 < team; ++j) {
             const A* src = dx_extra[j].data() + m * D;
             A* dst = dx_acc + m * D;
 #pragma omp simd
