@@ -36,3 +36,11 @@ def test_ops_import_nothing_above_them():
         bad = sorted(m for m in _imports(f) if m.startswith("treeffn.") and not m.startswith(("treeffn.ops",
                                                                                               "treeffn.errors")))
         assert not bad, f"{f.relative_to(PKG)} imports {bad}"
+
+
+def test_no_library_module_imports_the_cli():
+    for f in PKG.rglob("*.py"):
+        if f.name in ("cli.py", "__main__.py"):
+            continue
+        bad = sorted(m for m in _imports(f) if m == "treeffn.cli" or m.startswith("treeffn.cli."))
+        assert not bad, f"{f.relative_to(PKG)} imports the command line ({bad}); shared helpers belong below it"

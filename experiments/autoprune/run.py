@@ -32,6 +32,18 @@ COLORS = {"gelu": "tab:blue", "relu": "tab:orange", "tanh": "tab:green", "silu":
 OTHER_LR_COLORS = {"gelu": "tab:purple", "relu": "tab:red", "tanh": "tab:cyan", "silu": "tab:brown",
                    "identity": "black"}
 STYLES = {"node": "-", "output": "--"}
+LONGER = """
+## The collapse, its cause, and the contrast at a longer budget
+
+The early collapse above is not DS-26's gradual, φ-driven starvation: it happens with tanh as with GELU and in both
+placements, within a few dozen steps. docs/quality.md measures its cause on the `tiny` model at one epoch
+(`python experiments/quality/run.py`): the routing inputs of every token point the same way early in training, so
+each node's mean score sits many of its standard deviations from zero and every token turns the same way. The
+default tree setting now routes on per-node thresholds (`tree.balance=threshold`), which removes the collapse; the
+runs above use `--balance none`, the layer as published. The node-vs-output contrast with the thresholds switched
+off, at one epoch, is in the rows `tree-node-faithful` and `tree-output-faithful` of docs/quality.md (dead nodes
+over training in its curves figure).
+"""
 
 
 def parse_runs(text: str, base_lr: float) -> list[dict]:
@@ -312,7 +324,7 @@ def write_docs(results: list[dict], docs: Path, figs: list[Path], command: str, 
         "",
     ]
     lines += reading(results)
-    lines += [
+    lines += [""] + LONGER.strip("\n").split("\n") + [
         "",
         "## Caveats",
         "",

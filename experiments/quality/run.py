@@ -394,7 +394,79 @@ def write_report(rows: list[dict], docs: Path, figs: list[Path], command: str) -
     rel = [os.path.relpath(f, docs.parent) for f in figs]
     for f in rel:
         lines += [f"![{Path(f).stem}]({f})", ""]
+    lines += reading(rows)
     docs.write_text("\n".join(lines) + "\n")
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def collapse_facts(r: dict) -> str | None:
+    """One sentence on a tree run's early routing: the lowest path entropy after step 10 and, at that step, how
+    alike the routing inputs were and how far the root's mean score sat from its threshold in units of its spread."""
+    ent = [(st, min(v)) for st, v in r["curves"]["entropy"] if st > 10]
+    diag = dict((st, d) for st, d in r["curves"].get("diag", []))
+    if not ent:
+        return None
+    st, low = min(ent, key=lambda e: e[1])
+    first = next((s for s, v in ent if v < 0.5), None)
+    d = diag.get(st, {})
+    parts = [f"**{r['name']}** (seed {r['seed']}): lowest path entropy after step 10 is {low:.3f} (worst layer, "
+             f"step {st})" + (f"; first below 0.5 at step {first}" if first is not None else "; never below 0.5")]
+    if "align" in d:
+        parts.append(f"routing-input alignment then {min(d['align']):.2f}–{max(d['align']):.2f} across layers")
+    if "centre" in d:
+        parts.append(f"root |mean s − c| / std s {min(v[0] for v in d['centre']):.1f}–"
+                     f"{max(v[0] for v in d['centre']):.1f}")
+    if "u_norm" in d and "b_abs" in d:
+        parts.append(f"root ‖u‖ {_mean([v[0] for v in d['u_norm']]):.2f} against |b| "
+                     f"{_mean([v[0] for v in d['b_abs']]):.3f}")
+    if "live_grad" in d:
+        parts.append(f"visited units with φ'(λ) > 0.05: {_mean([_mean(v) for v in d['live_grad']]):.2f}")
+    end = r.get("eval", {}).get("routing", {}).get("worst")
+    if end:
+        parts.append(f"at the end on validation: dead nodes {end['dead_nodes']:.1%}, leaf use {end['leaf_util']:.3f}, "
+                     f"path entropy {end['path_entropy']:.3f} (worst layer)")
+    return "; ".join(parts) + "."
+
+
+def reading(rows: list[dict]) -> list[str]:
+    """The report's reading: every figure in it is computed here from the rows, nothing is typed in."""
+    fin = {}
+    for r in rows:
+        if "eval" in r and r["steps"] == EPOCH:
+            fin.setdefault(r["name"], []).append(r["eval"]["val_loss"])
+    out = ["## Reading", "", "Routing early in training (training batches, logged every 10 steps):", ""]
+    for r in rows:
+        if r["steps"] == EPOCH and r["curves"]["entropy"]:
+            fact = collapse_facts(r)
+            if fact:
+                out.append(f"- {fact}")
+    out += ["", "Quality at one epoch (full validation split):", ""]
+
+    def cmp(a: str, b: str, what: str) -> None:
+        if a in fin and b in fin:
+            ma, mb = _mean(fin[a]), _mean(fin[b])
+            line = f"- {a} vs {b} ({what}): {ma:.4f} vs {mb:.4f}, {ma / mb - 1:+.2%}"
+            if len(fin[a]) > 1 and len(fin[b]) > 1:
+                sd = max(statistics.stdev(fin[a]), statistics.stdev(fin[b]))
+                line += f"; difference {abs(ma - mb) / max(sd, 1e-9):.1f} standard deviations (largest of the two)"
+            else:
+                line += " (one seed each)"
+            out.append(line)
+
+    cmp("tree-node", "dense-1020", "equal training width")
+    cmp("tree-node", "dense-32", "equal inference width")
+    cmp("tree-node", "tree-node-faithful", "routing thresholds on vs off")
+    cmp("tree-output", "tree-output-faithful", "routing thresholds on vs off, output placement")
+    cmp("tree-output", "tree-node", "placement")
+    cmp("tree-1x7w4", "tree-node", "one tree of 4-unit nodes vs four trees of 1-unit nodes")
+    for other in ("moe-top1", "moe-top2", "topk-32of1020"):
+        cmp("tree-node", other, "32 active units each")
+    if len(out) and out[-1] == "":
+        out.pop()
+    return out + [""]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -229,7 +229,7 @@ def resolve_data_arg(folder: Path, data: str | Path | None) -> Path:
 
     if data is None:
         return data_dir_of(folder)
-    from .cli import resolve_data
+    from .data import resolve_data
 
     return resolve_data(str(data))
 

@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from .data import resolve_data, sample_data_dir
 from .errors import TreeffnError
 
 BENCHES = {
@@ -44,24 +45,6 @@ def _data_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None,
                    help="prepared data directory, or 'default' / 'sample' (default: the data recorded in the "
                         "checkpoint, else the default corpus; 'sample' is the small committed text, prepared on the fly)")
-
-
-def resolve_data(name: str | None) -> Path:
-    from . import data
-
-    if name in (None, "default"):
-        return data.default_data_dir()
-    if name == "sample":
-        out = sample_data_dir()
-        data.prepare_sample(out, progress=False, overwrite=True)  # treeffn's own cache: a stale sample is replaced
-        return out
-    return Path(name)
-
-
-def sample_data_dir() -> Path:
-    from .data import default_cache_dir
-
-    return Path(default_cache_dir()) / "data" / "sample"
 
 
 # ---- subcommands ---------------------------------------------------------------------------------------------

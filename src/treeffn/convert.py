@@ -91,7 +91,7 @@ def corpus_windows(data: str | None, tokenizer, vocab_size: int, n_tokens: int, 
 
         ids = np.asarray(tokenizer.encode(decode_text_file(path, path.read_bytes()), add_special_tokens=False).ids)
         return _cut_windows(ids, n_win, seq_len, rng, vocab_size, return_starts)
-    from .cli import resolve_data
+    from .data import resolve_data
     from .data import load_tokenizer, load_tokens
 
     ddir = resolve_data(data)

@@ -675,3 +675,20 @@ __all__ = [
     "split_documents",
     "split_into_pieces",
 ]
+
+
+def sample_data_dir() -> Path:
+    """Where the committed text sample is prepared (``--data sample``)."""
+    return Path(default_cache_dir()) / "data" / "sample"
+
+
+def resolve_data(name: str | None) -> Path:
+    """A ``--data`` argument -> a prepared data directory: ``default`` (or None) is the default corpus, ``sample``
+    the committed text sample (prepared on the fly into treeffn's cache), anything else a path."""
+    if name in (None, "default"):
+        return default_data_dir()
+    if name == "sample":
+        out = sample_data_dir()
+        prepare_sample(out, progress=False, overwrite=True)  # treeffn's own cache: a stale sample is replaced
+        return out
+    return Path(name)

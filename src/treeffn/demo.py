@@ -36,7 +36,7 @@ def demo_configs(preset: str, steps: int | None, vocab_size: int) -> dict:
 
 
 def run_demo(args) -> int:
-    from .cli import resolve_data
+    from .data import resolve_data
     from .data import default_data_dir, load_meta, prepare
     from .analyze import analyze
     from .evaluate import decode_speed, evaluate_checkpoint
