@@ -285,7 +285,8 @@ def train(cfg: Config, out_dir: str | Path, data_dir: str | Path, resume: bool =
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        unused = cfg.ffn.kind in ("moe", "mode") or cfg.mod.every > 0
+        # a variant whose parameters can miss a step's gradient (an expert no token chose) says so itself
+        unused = any(getattr(f, "may_skip_parameters", False) for f in raw_model.ffn_modules()) or cfg.mod.every > 0
         model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=unused)
 
     autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if tr.dtype == "bf16" else nullcontext

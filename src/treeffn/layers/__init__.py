@@ -3,7 +3,8 @@
 A block asks ``build_ffn(cfg)`` for its feed-forward module and never branches on names. Every variant returns
 ``(y, aux)`` from ``forward`` — aux is a dict whose ``"loss"`` entry (if any) is an already-weighted auxiliary loss
 and whose other entries are detached statistics — and reports ``total_units()``, ``active_units()`` (per token) and
-``flops_per_token()`` (analytic, inference). Register a new variant with ``@register_ffn("name")``.
+``flops_per_token()`` (analytic, inference); a variant some of whose parameters can get no gradient in a step (an
+expert no token chose) sets ``may_skip_parameters = True``. Register a new variant with ``@register_ffn("name")``.
 """
 
 from __future__ import annotations

@@ -27,6 +27,8 @@ from .dense import DenseMLP, SwiGLU
 
 
 class MoDE(nn.Module):
+    may_skip_parameters = True  # an expert no token of a step chose gets no gradient (DDP must know)
+
     def __init__(self, d_model: int, hidden: int, experts: int, noop_experts: int, top_k: int,
                  aux_weight: float = 0.01, expert: str = "dense", activation: str = "gelu", bias: bool = False):
         super().__init__()
