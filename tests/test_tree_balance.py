@@ -151,8 +151,10 @@ def test_model_tracks_routing_diagnostics():
     d = out.stats[0]["tree_diag"]
     L = cfg.tree.depth + 1
     assert set(d) == {"align", "margin", "centre", "u_norm", "b_abs", "live_grad"}
-    for k in ("margin", "centre", "u_norm", "b_abs", "live_grad"):
+    for k in ("u_norm", "b_abs", "live_grad"):
         assert d[k].shape == (L,), k
+    for k in ("margin", "centre"):  # routing levels only: leaves do not route
+        assert d[k].shape == (L - 1,), k
     assert -1.0 <= float(d["align"]) <= 1.0
     assert 0.0 <= float(d["live_grad"].min()) and float(d["live_grad"].max()) <= 1.0
 
@@ -224,3 +226,22 @@ def test_thresholds_saved_without_their_batch_count_are_kept(tmp_path):
     for a, b in zip(loaded.ffn_modules(), model.ffn_modules()):
         assert torch.equal(a.route_threshold, b.route_threshold)
         assert float(a.route_batches) >= 1e6, "settled thresholds must not be reset by the 1/n warm-up"
+
+
+def test_output_init_matches_the_residual_branches_unless_ufb_is_asked():
+    """tree.init=residual (default): output vectors start at GPT-2's residual-branch scale, like the dense MLP's
+    projection; tree.init=ufb: UFB-23's uniform ±1/√(K·L·W)."""
+    torch.manual_seed(0)
+    cfg = get_config("tiny", {"ffn.kind": "tree"})
+    model = GPT(cfg)
+    want = 0.02 / (2 * cfg.model.n_layer) ** 0.5
+    for f in model.ffn_modules():
+        assert abs(float(f.w_out.std()) - want) < 0.05 * want
+    dense = GPT(get_config("tiny", {"ffn.kind": "dense"}))
+    assert abs(float(dense.ffn_modules()[0].fc_out.weight.std()) - want) < 0.05 * want, "the dense MLP's scale"
+    ufb = GPT(get_config("tiny", {"ffn.kind": "tree", "tree.init": "ufb"}))
+    bound = 1 / (cfg.tree.trees * (cfg.tree.depth + 1)) ** 0.5
+    w = ufb.ffn_modules()[0].w_out
+    assert float(w.abs().max()) <= bound and float(w.abs().max()) > 0.9 * bound
+    with pytest.raises(ConfigError, match="tree.init"):
+        get_config("tiny", {"ffn.kind": "tree", "tree.init": "xavier"})

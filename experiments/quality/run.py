@@ -6,8 +6,11 @@ schedule), the same seed-determined batches and the same token budget; only the 
     dense-1020            dense GELU MLP of equal *training* width (K·N = 1,020 units)
     dense-32              dense GELU MLP of equal *inference* width (K·L = 32 units): the critics' comparison
     moe-top1 / moe-top2   token-choice MoE with 32 active units per token (32 experts × 32, or 64 × 16 top-2)
-    tree-node             tree 4x7, φ on each node (UFB-23), per-node routing thresholds (the default setting)
-    tree-node-faithful    the same without thresholds (UFB-23 / DS-26 as published)
+    tree-node             tree 4x7, φ on each node (UFB-23), per-node routing thresholds, output vectors initialised
+                          at the residual-branch scale (the default setting)
+    tree-node-faithful    the same without thresholds
+    tree-node-ufbinit     thresholds, but UFB-23's output initialisation
+    tree-node-ufb         neither: the layer exactly as published (UFB-23 / DS-26)
     tree-output(-faithful) φ after the per-tree accumulation (DS-26's balanced variant), with / without thresholds
     tree-1x7w4            one tree of depth 7 with 4 units per node: 32 active of 1,020, contiguous blocks
     topk-32of1020         GELU MLP of 1,020 units keeping its 32 largest activations per token (trained sparsity)
@@ -52,8 +55,12 @@ RUNS: dict[str, tuple[str, dict]] = {
     "moe-top2": ("MoE 64 experts × 16 units, top-2", {"ffn.kind": "moe", "moe.experts": 64, "ffn.hidden": 16,
                                                         "moe.top_k": 2}),
     "tree-node": ("tree 4x7, node placement, routing thresholds", {"ffn.kind": "tree"}),
-    "tree-node-faithful": ("tree 4x7, node placement, no thresholds (UFB-23)",
+    "tree-node-faithful": ("tree 4x7, node placement, no thresholds",
                            {"ffn.kind": "tree", "tree.balance": "none"}),
+    "tree-node-ufbinit": ("tree 4x7, node placement, thresholds, UFB-23 output init",
+                          {"ffn.kind": "tree", "tree.init": "ufb"}),
+    "tree-node-ufb": ("tree 4x7, node placement, no thresholds, UFB-23 output init (as published)",
+                      {"ffn.kind": "tree", "tree.balance": "none", "tree.init": "ufb"}),
     "tree-output": ("tree 4x7, output placement, routing thresholds",
                     {"ffn.kind": "tree", "tree.placement": "output"}),
     "tree-output-faithful": ("tree 4x7, output placement, no thresholds (DS-26 balanced form)",
@@ -67,8 +74,9 @@ RUNS: dict[str, tuple[str, dict]] = {
 # (name, seed, steps) in priority order: the one-epoch comparison first, then seeds, then the longer pair.
 EPOCH = 1200  # 1,200 × 16 × 256 = 4.9M tokens ≈ one epoch of the default corpus's 4.8M training tokens
 DEFAULT_PLAN = (
-    [(n, 0, EPOCH) for n in ("tree-node", "dense-1020", "dense-32", "tree-node-faithful", "tree-output",
-                             "tree-output-faithful", "moe-top1", "moe-top2", "tree-1x7w4", "topk-32of1020")]
+    [(n, 0, EPOCH) for n in ("tree-node", "dense-1020", "dense-32", "tree-node-faithful", "tree-node-ufbinit",
+                             "tree-output", "tree-node-ufb", "tree-output-faithful", "moe-top1", "moe-top2",
+                             "tree-1x7w4", "topk-32of1020")]
     + [(n, s, EPOCH) for s in (1, 2) for n in ("dense-1020", "tree-node")]
     + [(n, 0, 3 * EPOCH) for n in ("dense-1020", "tree-node")]
 )
@@ -249,6 +257,12 @@ def min_entropy_after(curve: list, step: int = 10) -> float:
     return min(vals) if vals else float("nan")
 
 
+def _routing_mean(levels: list[float], diag: dict) -> float:
+    """Mean over the routing levels of a per-level diagnostic (older logs also carry a leaf entry: dropped)."""
+    n = len(diag["u_norm"][0]) - 1  # u_norm has one entry per level, leaves included
+    return sum(levels[:n]) / max(1, min(n, len(levels)))
+
+
 def plot(rows: list[dict], fig_dir: Path) -> list[Path]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -291,12 +305,12 @@ def plot(rows: list[dict], fig_dir: Path) -> list[Path]:
              "routing-input alignment (mean cosine between tokens), mean of layers"),
             ("centre", lambda d: sum(v[0] for v in d["centre"]) / len(d["centre"]),
              "root: |mean s − c| / std s (≫ 1: all tokens go one way)"),
-            ("centre", lambda d: sum(sum(v[:-1]) / (len(v) - 1) for v in d["centre"]) / len(d["centre"]),
+            ("centre", lambda d: sum(_routing_mean(v, d) for v in d["centre"]) / len(d["centre"]),
              "inner nodes: |mean s − c| / std s, mean of levels"),
             ("live_grad", lambda d: sum(sum(v) / len(v) for v in d["live_grad"]) / len(d["live_grad"]),
              "visited units with φ'(λ) > 0.05"),
             ("u_norm", lambda d: sum(v[0] for v in d["u_norm"]) / len(d["u_norm"]), "root ‖u‖ (solid) and |b| (dotted)"),
-            ("margin", lambda d: sum(sum(v[:-1]) / (len(v) - 1) for v in d["margin"]) / len(d["margin"]),
+            ("margin", lambda d: sum(_routing_mean(v, d) for v in d["margin"]) / len(d["margin"]),
              "routing margin |s − c|, inner levels"),
         ]
         for ax, (q, f, title) in zip(axes, panels):
@@ -459,6 +473,8 @@ def reading(rows: list[dict]) -> list[str]:
     cmp("tree-node", "dense-1020", "equal training width")
     cmp("tree-node", "dense-32", "equal inference width")
     cmp("tree-node", "tree-node-faithful", "routing thresholds on vs off")
+    cmp("tree-node", "tree-node-ufbinit", "residual-scale vs UFB-23 output initialisation")
+    cmp("tree-node", "tree-node-ufb", "the default setting vs the layer as published")
     cmp("tree-output", "tree-output-faithful", "routing thresholds on vs off, output placement")
     cmp("tree-output", "tree-node", "placement")
     cmp("tree-1x7w4", "tree-node", "one tree of 4-unit nodes vs four trees of 1-unit nodes")

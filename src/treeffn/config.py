@@ -59,6 +59,7 @@ class TreeConfig:
     bias: bool = True
     balance: str = "threshold"  # threshold (per-node routing thresholds, docs/quality.md) | none (UFB-23 as published)
     balance_rate: float = 0.1  # update rate of the thresholds towards the batch mean of each node's score
+    init: str = "residual"  # output vectors: residual (GPT-2 residual-branch scale) | ufb (UFB-23's uniform rule)
 
 
 @dataclass
@@ -206,6 +207,8 @@ class Config:
             raise ConfigError(f"tree.balance must be none or threshold (got '{t.balance}')")
         if not 0.0 < t.balance_rate <= 1.0:
             raise ConfigError(f"tree.balance_rate must be in (0, 1] (got {t.balance_rate})")
+        if t.init not in ("residual", "ufb"):
+            raise ConfigError(f"tree.init must be residual or ufb (got '{t.init}')")
         if f.kind == "tree":
             params = 2 * t.trees * (2 ** (t.depth + 1) - 1) * t.node_width * m.d_model
             if t.depth > 24 or params > 2**31:
@@ -239,6 +242,8 @@ class Config:
             ffn = f"tree {t.trees}x{t.depth} w{t.node_width} {t.activation}/{t.placement}"
             if t.balance != "none":
                 ffn += f" balance={t.balance}@{t.balance_rate:g}"
+            if t.init != "residual":
+                ffn += f" init={t.init}"
         elif f.kind == "topk":
             ffn = f"topk {f.active} of {f.hidden}"
         elif f.kind == "moe":

@@ -176,7 +176,7 @@ class VisitWindow:
                 v = v / self.n_diag[i]
                 if v.dim() == 0:
                     out[f"tree/{k}/layer{i}"] = float(v)
-                else:
+                elif v.numel():
                     out[f"tree/{k}/layer{i}"] = float(v.mean())
                     out[f"tree/{k}_levels/layer{i}"] = [round(float(e), 6) for e in v]
         self.counts, self.diag, self.n_diag = {}, {}, {}

@@ -54,8 +54,9 @@ def _moe(cfg) -> nn.Module:
 @register_ffn("tree")
 def _tree(cfg) -> nn.Module:
     t = cfg.tree
+    out_std = 0.02 / (2 * cfg.model.n_layer) ** 0.5 if t.init == "residual" else None  # as GPT's projections
     return TreeFFN(cfg.model.d_model, t.trees, t.depth, t.node_width, t.activation, t.placement, t.bias,
-                   balance=t.balance, balance_rate=t.balance_rate)
+                   balance=t.balance, balance_rate=t.balance_rate, out_std=out_std)
 
 
 def build_ffn(cfg) -> nn.Module:

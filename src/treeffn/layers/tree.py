@@ -21,15 +21,21 @@ Output, by ``placement``::
 parameters (same count and same visited units as "node"), keeps trees independent, and λ enters linearly so a
 token routed left still sends gradient to its node — which is why paths do not starve. No output bias (UFB-23).
 
-Initialisation (UFB-23, generalised to W units per node):
+Initialisation (UFB-23, generalised to W units per node; ``out_std`` replaces the output rule):
 
-    =========  =======================================
+    =========  ===================================================================================
     parameter  distribution
-    =========  =======================================
+    =========  ===================================================================================
     w_in  u    uniform(−1/√D, 1/√D)
     b_in  b    uniform(−1/√D, 1/√D)
-    w_out v    uniform(−1/√(K·L·W), 1/√(K·L·W))
-    =========  =======================================
+    w_out v    uniform(−1/√(K·L·W), 1/√(K·L·W)), or normal(0, out_std) when ``out_std`` is given
+    =========  ===================================================================================
+
+UFB-23's output rule gives a standalone layer unit-scale outputs; inside a pre-norm transformer it makes each tree
+layer add a random vector some 25 times larger than the dense MLP's initial output (whose projection starts at
+0.02/√(2·n_layer), GPT-2's residual scaling) to the residual stream. ``tree.init=residual`` (the default) gives the
+tree's output vectors that same scale (out_std = 0.02/√(2·n_layer)); ``tree.init=ufb`` keeps UFB-23's rule.
+docs/quality.md measures the difference.
 
 Routing balance (``balance``; docs/quality.md has the evidence). Early in LM training the routing inputs — the
 normed residual stream — point the same way for every token, so at every node all tokens land on the same side of
@@ -97,6 +103,7 @@ class TreeFFN(nn.Module):
         impl: str = "auto",
         balance: str = "none",
         balance_rate: float = 0.1,
+        out_std: float | None = None,
     ):
         super().__init__()
         if d_model < 1 or trees < 1 or node_width < 1:
@@ -116,6 +123,9 @@ class TreeFFN(nn.Module):
         self.d_model, self.trees, self.depth, self.node_width = d_model, trees, depth, node_width
         self.activation, self.placement, self.impl = activation, placement, impl
         self.balance, self.balance_rate = balance, balance_rate
+        if out_std is not None and not out_std > 0:
+            raise ConfigError(f"tree output init std must be positive (got {out_std})")
+        self.out_std = out_std
         N = num_nodes(depth)
         self.w_in = nn.Parameter(torch.empty(trees, N, node_width, d_model))
         self.b_in = nn.Parameter(torch.empty(trees, N, node_width)) if bias else None
@@ -132,8 +142,11 @@ class TreeFFN(nn.Module):
         self.w_in.uniform_(-a, a)
         if self.b_in is not None:
             self.b_in.uniform_(-a, a)
-        c = 1.0 / math.sqrt(self.trees * (self.depth + 1) * self.node_width)
-        self.w_out.uniform_(-c, c)
+        if self.out_std is not None:
+            self.w_out.normal_(0.0, self.out_std)
+        else:
+            c = 1.0 / math.sqrt(self.trees * (self.depth + 1) * self.node_width)
+            self.w_out.uniform_(-c, c)
         if self.route_threshold is not None:
             self.route_threshold.zero_()
             self.route_batches.zero_()

@@ -147,9 +147,10 @@ def routing_diagnostics(x: torch.Tensor, lam: torch.Tensor, thr: torch.Tensor | 
     x (M, D) routing inputs, lam (M, K, L, W) visited responses, paths (M, K, L). Returns detached tensors:
 
     * ``align``: mean cosine similarity between the routing inputs of two different tokens (1 = all alike);
-    * ``margin`` (L,): mean |s − c| per level, s = Σ_w λ, c the node's threshold (0 without balance);
-    * ``centre`` (L,): per level, mean over visited nodes of |mean_node(s) − c| / std_node(s) (token-weighted):
-      ≫ 1 means the node sends its tokens one way whatever they are;
+    * ``margin`` (L − 1,): mean |s − c| per routing level (leaves do not route), s = Σ_w λ, c the node's threshold
+      (0 without balance);
+    * ``centre`` (L − 1,): per routing level, mean over visited nodes of |mean_node(s) − c| / std_node(s)
+      (token-weighted): ≫ 1 means the node sends its tokens one way whatever they are;
     * ``u_norm``, ``b_abs`` (L,): mean ‖Σ_w u‖ and |Σ_w b| of the nodes of each level;
     * ``live_grad`` (L,): fraction of visited units with φ'(λ) > eps (gradient reaches them, "node" placement).
     """
@@ -162,7 +163,7 @@ def routing_diagnostics(x: torch.Tensor, lam: torch.Tensor, thr: torch.Tensor | 
     align = (tot @ tot - n) / max(1, n * (n - 1))
     s = lam.sum(-1).double()  # (M, K, L)
     cut = thr.double()[torch.arange(K, device=x.device).view(1, K, 1), paths] if thr is not None else torch.zeros_like(s)
-    margin = (s - cut).abs().mean((0, 1))
+    margin = (s - cut)[:, :, : L - 1].abs().mean((0, 1))
     flat = (paths + torch.arange(K, device=x.device).view(1, K, 1) * N).reshape(-1)
     cnt = torch.bincount(flat, minlength=K * N).double()
     s1 = torch.zeros(K * N, dtype=torch.float64, device=x.device).index_add_(0, flat, s.reshape(-1))
@@ -171,7 +172,7 @@ def routing_diagnostics(x: torch.Tensor, lam: torch.Tensor, thr: torch.Tensor | 
     std = (s2 / cnt.clamp_min(1) - mean * mean).clamp_min(0).sqrt()
     c_all = thr.double().reshape(-1) if thr is not None else torch.zeros_like(mean)
     off = (mean - c_all).abs() / std.clamp_min(1e-6)
-    centre = []
+    centre = [torch.zeros((), dtype=torch.float64, device=x.device)] * 0
     u_sum = w_in.detach().float().sum(2).norm(dim=-1)  # (K, N)
     b_sum = b_in.detach().float().sum(2).abs() if b_in is not None else torch.zeros_like(u_sum)
     u_norm, b_abs = [], []
@@ -179,9 +180,11 @@ def routing_diagnostics(x: torch.Tensor, lam: torch.Tensor, thr: torch.Tensor | 
         sl = slice(2 ** t - 1, 2 ** (t + 1) - 1)
         ct = cnt.view(K, N)[:, sl]
         ok = ct > 1
-        centre.append((off.view(K, N)[:, sl][ok] * ct[ok]).sum() / ct[ok].sum().clamp_min(1))
+        if t < L - 1:
+            centre.append((off.view(K, N)[:, sl][ok] * ct[ok]).sum() / ct[ok].sum().clamp_min(1))
         u_norm.append(u_sum[:, sl].mean())
         b_abs.append(b_sum[:, sl].mean())
     live = (activation_grad(activation, lam.float()).abs() > eps).double().mean((0, 1, 3))
-    return {"align": align.double(), "margin": margin, "centre": torch.stack(centre),
+    centre = torch.stack(centre) if centre else torch.zeros(0, dtype=torch.float64, device=x.device)
+    return {"align": align.double(), "margin": margin, "centre": centre,
             "u_norm": torch.stack(u_norm).double(), "b_abs": torch.stack(b_abs).double(), "live_grad": live}
