@@ -111,13 +111,19 @@ def steps_done(run: Path) -> int:
         return 0
 
 
+def study_record(run: Path) -> Path:
+    """Where a run's study record (name, overrides, commits it trained with) lives: beside the run folder, which
+    belongs to ``treeffn train``."""
+    return run.parent / f"{run.name}.study.json"
+
+
 def train_run(name: str, seed: int, steps: int, run: Path, data: Path) -> None:
-    """Train (or continue) one run in a subprocess; records the commit it ran in ``run/study.json``."""
+    """Train (or continue) one run in a subprocess; records the commit it ran in :func:`study_record`."""
     overrides = {**RUNS[name][1], "train.seed": seed, "train.max_steps": steps, "train.save_every": SAVE_EVERY}
     if steps != EPOCH:  # the longer runs keep the one-epoch warm-up
         overrides["train.warmup_steps"] = 60
-    run.mkdir(parents=True, exist_ok=True)
-    rec_file = run / "study.json"
+    run.parent.mkdir(parents=True, exist_ok=True)
+    rec_file = study_record(run)
     rec = json.loads(rec_file.read_text()) if rec_file.is_file() else {"commits": []}
     commit = code_commit()
     if not rec["commits"] or rec["commits"][-1]["commit"] != commit:
@@ -228,7 +234,7 @@ def collect(out: Path, data: Path, plan: list[tuple[str, int, int]], speed: bool
             continue
         done = steps_done(run)
         row = {"name": name, "seed": seed, "steps": steps, "done": done, "run": run,
-               "study": json.loads((run / "study.json").read_text()) if (run / "study.json").is_file() else {},
+               "study": json.loads(study_record(run).read_text()) if study_record(run).is_file() else {},
                "curves": training_curves(run)}
         if done == steps:
             row["eval"] = evaluated(run, data)
