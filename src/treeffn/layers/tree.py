@@ -32,8 +32,8 @@ Initialisation (UFB-23, generalised to W units per node; ``out_std`` replaces th
     =========  ===================================================================================
 
 UFB-23's output rule gives a standalone layer unit-scale outputs; inside a pre-norm transformer it makes each tree
-layer add a random vector some 25 times larger than the dense MLP's initial output (whose projection starts at
-0.02/√(2·n_layer), GPT-2's residual scaling) to the residual stream. ``tree.init=residual`` (the default) gives the
+layer add to the residual stream a random vector several times larger than the dense MLP's initial output (whose
+projection starts at 0.02/√(2·n_layer), GPT-2's residual scaling; docs/quality.md gives the measured ratio). ``tree.init=residual`` (the default) gives the
 tree's output vectors that same scale (out_std = 0.02/√(2·n_layer)); ``tree.init=ufb`` keeps UFB-23's rule.
 docs/quality.md measures the difference.
 
