@@ -245,3 +245,17 @@ def test_output_init_matches_the_residual_branches_unless_ufb_is_asked():
     assert float(w.abs().max()) <= bound and float(w.abs().max()) > 0.9 * bound
     with pytest.raises(ConfigError, match="tree.init"):
         get_config("tiny", {"ffn.kind": "tree", "tree.init": "xavier"})
+
+
+def test_bench_balance_smoke(capsys):
+    import json
+
+    from treeffn.cli import main
+
+    assert main(["bench", "balance", "--d-model", "32", "--configs", "2x3,1x4", "--tokens", "64", "--repeats",
+                 "1"]) == 0
+    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rec["benchmark"] == "balance" and [r["config"] for r in rec["results"]] == ["2x3", "1x4"]
+    for r in rec["results"]:
+        assert r["threshold_over_none"] == pytest.approx(r["tree_threshold_ms"] / r["tree_none_ms"])
+        assert r["dense_over_threshold"] == pytest.approx(r["dense_ms"] / r["tree_threshold_ms"])

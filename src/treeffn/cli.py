@@ -19,6 +19,7 @@ BENCHES = {
     "layer": ("treeffn.bench.layer", "per-layer inference: fused tree kernel vs dense, MoE and other tree paths"),
     "generate": ("treeffn.bench.generate", "end-to-end decoding and prefill tokens/s, tree model vs its dense twin"),
     "mod": ("treeffn.bench.mod", "Mixture-of-Depths training step and decoding vs the same model without MoD"),
+    "balance": ("treeffn.bench.balance", "training step of the tree layer with and without routing thresholds"),
 }
 
 # subcommands implemented in their own modules: name -> (module, help); each module has add_arguments and run
