@@ -247,7 +247,9 @@ def collect(out: Path, data: Path, plan: list[tuple[str, int, int]], speed: bool
             elif summary.is_file() and "speed" in json.loads(summary.read_text()):
                 row["speed"] = json.loads(summary.read_text())["speed"]
             summary.parent.mkdir(parents=True, exist_ok=True)
-            summary.write_text(json.dumps({k: v for k, v in row.items() if k != "run"}, indent=1) + "\n")
+            keep = {k: v for k, v in row.items() if k != "run"}  # no machine paths in the committed summary
+            keep["eval"] = {k: v for k, v in row["eval"].items() if k != "checkpoint"}
+            summary.write_text(json.dumps(keep, separators=(",", ":")) + "\n")
         rows.append(row)
     return rows
 
@@ -368,7 +370,9 @@ def write_report(rows: list[dict], docs: Path, figs: list[Path], command: str,
     groups: dict[tuple[str, int], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["name"], r["steps"]), []).append(r)
-    commits = sorted({c["commit"] for r in rows for c in r["study"].get("commits", [])})
+    commits = [f"{r['name']} (seed {r['seed']}, {r['steps']} steps): "
+               + ", ".join(f"`{c['commit'][:12]}` from step {c['from_step']}" for c in r["study"].get("commits", []))
+               for r in rows]
     lines = [
         "# Trees that learn: a controlled quality study",
         "",
@@ -379,7 +383,7 @@ def write_report(rows: list[dict], docs: Path, figs: list[Path], command: str,
         f"Produced by `{command}` (runs under `runs/quality`; the table and figures are rebuilt from the runs that "
         "exist, so a partial study is reported as partial).",
         "",
-        "Commit(s) the runs trained with: " + (", ".join(f"`{c}`" for c in commits) or "–") + ".",
+        "Commits the runs trained with: " + ("; ".join(commits) or "–") + ".",
         "",
         "## Results",
         "",
@@ -502,12 +506,18 @@ FINDINGS = """
 steps, whatever the output initialisation. The diagnosis figure and the routing lines above show why: in that phase
 the routing inputs of a layer — its normed residual stream — become almost parallel for every token (alignment near
 1), so at each node the mean score of the tokens sits many of its standard deviations away from the threshold and
-every token turns the same way. The routing weights barely move meanwhile (‖u‖ steady, |b| two orders of magnitude
+every token turns the same way. The routing weights barely move meanwhile (‖u‖ steady, |b| more than ten times
 smaller, so neither weight decay shrinking u nor the bias takes over), and most visited units keep φ'(λ) > 0.05, so
 it is not the φ-driven starvation DS-26 describes. Alignment falls again after the warm-up (the first layer first),
-but by then the subtrees the tokens left have received no gradient for many steps. Per-node thresholds set from the
-batch (tree.balance=threshold) split each node's tokens around their mean whatever direction they share: path
-entropy stays near 1 and no node dies, in training and, with the running thresholds, on validation.
+and the faithful trees then slowly revive: their dead-node fraction falls over the rest of the epoch (curves
+figure) instead of growing as in DS-26's auto-pruning. Per-node thresholds set from the batch
+(tree.balance=threshold) split each node's tokens around their mean whatever direction they share: path entropy
+stays near 1 and no node dies, in training and, with the running thresholds, on validation.
+
+**Balance and quality.** Balanced routing is not better *quality* at this budget: with the residual-scale
+initialisation the one-epoch loss with and without thresholds is about the same (the "routing thresholds on vs off"
+line above). A balanced tree uses all its paths — which is what static pruning, kernel speed and any capacity
+argument rely on — but at 4.9M tokens the collapsed-then-revived tree reaches the same loss.
 
 **The initialisation.** UFB-23's output rule (uniform ±1/√(K·L·W)) makes each tree layer add to the residual stream
 a random vector {ufb:.1f} times the RMS of the dense MLP's initial output (at initialisation, on 4 × 256 random
