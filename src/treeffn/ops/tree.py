@@ -183,7 +183,7 @@ def routing_diagnostics(x: torch.Tensor, lam: torch.Tensor, thr: torch.Tensor | 
     std = (s2 / cnt.clamp_min(1) - mean * mean).clamp_min(0).sqrt()
     c_all = thr.double().reshape(-1) if thr is not None else torch.zeros_like(mean)
     off = (mean - c_all).abs() / std.clamp_min(1e-6)
-    centre = [torch.zeros((), dtype=torch.float64, device=x.device)] * 0
+    centre = []
     u_sum = w_in.detach().float().sum(2).norm(dim=-1)  # (K, N)
     b_sum = b_in.detach().float().sum(2).abs() if b_in is not None else torch.zeros_like(u_sum)
     u_norm, b_abs = [], []
