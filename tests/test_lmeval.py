@@ -170,6 +170,23 @@ def test_generate_until_matches_gpt_generate(ckpt):
         assert text == lm.codec.decode(new).split("\n\n")[0]
 
 
+def test_generate_batch_rows_outlive_the_longest_prompt(ckpt):
+    """A short prompt in a batch with a long one decodes past the long one's end: the padded batch then holds more
+    positions than the context, but every row's real positions fit, and each row equals an unbatched GPT.generate."""
+    from treeffn.scoring import generate_batch
+
+    lm = lmeval.register()(checkpoint=str(ckpt), progress=False)
+    ctx = lm.model.cfg.model.seq_len
+    text = lm.codec.encode(_english_text())
+    long, short = text[: ctx - 20], text[100:105]
+    budgets = [10, ctx - len(short)]  # the short row runs to the end of the context
+    assert len(long) + max(budgets) > ctx
+    got = generate_batch(lm.model, [long, short], budgets)
+    for prompt, n, toks in zip([long, short], budgets, got):
+        want = lm.model.generate(torch.tensor([prompt]), n)[0, len(prompt):].tolist()
+        assert toks == want
+
+
 # ---- end to end through lm-eval ------------------------------------------------------------------------------------
 def _args(*argv):
     p = argparse.ArgumentParser()

@@ -1,4 +1,4 @@
-"""Mixture-of-Depths (treeffn.mod) and integrated MoDE (treeffn.layers.mode).
+"""Mixture-of-Depths (treeffn.mod) and integrated MoDE (MoE with no-op experts, treeffn.layers.moe).
 
 One test per bug found in public MoD implementations: each would fail on that bug.
 Shapes follow the ``debug`` preset (d 64, 2 layers, context 64, vocab 512); ``mod.every=2`` routes block 1.
@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 from treeffn.config import get_config
 from treeffn.errors import ConfigError
-from treeffn.layers.mode import MoDE
 from treeffn.layers.moe import MoE
 from treeffn.mod import RoutedBlock, capacity_tokens
 from treeffn.model import Block, KVCache, build_model
@@ -237,7 +236,7 @@ def test_eval_reports_the_routed_fraction_and_its_flops(tmp_path, sample_data, b
         assert 0.0 < frac < 1.0 and frac != 0.125
     # the same windows through the model by hand: the block's own statistic, token-weighted
     from treeffn.data import load_tokens
-    from treeffn.train import Batches
+    from treeffn.data import Batches
 
     val = Batches(load_tokens(sample_data, "val"), CTX, V)
     x, _ = val.window(val.eval_starts(4))
@@ -322,18 +321,25 @@ def test_bf16_autocast(causal):
 
 
 # ---- integrated MoDE layer --------------------------------------------------------------------------------------
-def test_mode_without_noop_equals_moe():
+def test_noop_experts_never_chosen_change_nothing():
+    """Integrated MoDE is the MoE plus no-op experts: when the router never picks a no-op, the outputs are the MoE's."""
     torch.manual_seed(0)
     moe = MoE(D, 32, 4, 2)
-    mode = MoDE(D, 32, 4, 0, 2)
-    mode.load_state_dict(moe.state_dict())
+    mode = MoE(D, 32, 4, 2, noop_experts=3)
+    mode.experts.load_state_dict(moe.experts.state_dict())
+    mode.router = torch.nn.Linear(D, 7, bias=True)  # a bias keeps the no-op logits far below the real ones
+    with torch.no_grad():
+        mode.router.weight.zero_()
+        mode.router.weight[:4] = moe.router.weight
+        mode.router.bias.zero_()
+        mode.router.bias[4:] = -1e4  # probability exp(-1e4) = 0: never in the top 2, no share of the renormalisation
     x = torch.randn(3, 5, D)
     torch.testing.assert_close(mode(x)[0], moe(x)[0])
 
 
 def test_mode_noop_tokens_skip_the_mlp():
     torch.manual_seed(0)
-    mode = MoDE(D, 32, experts=2, noop_experts=2, top_k=1)
+    mode = MoE(D, 32, experts=2, noop_experts=2, top_k=1)
     with torch.no_grad():
         mode.router.weight.zero_()
         mode.router.weight[0, 0] = 10.0  # x[0] > 0 -> real expert 0
@@ -356,12 +362,13 @@ def test_mode_config():
     with pytest.raises(ConfigError):
         get_config("debug", {"moe.noop_experts": -1})
     m = _model(**{"ffn.kind": "mode", "moe.noop_experts": 4, "mod.every": 0})
-    assert isinstance(m.ffn_modules()[0], MoDE) and m.ffn_modules()[0].n_noop == 4
+    assert isinstance(m.ffn_modules()[0], MoE) and m.ffn_modules()[0].n_noop == 4
     assert m.ffn_units()["fraction"] == pytest.approx(2 / 4 * 4 / 8)  # top-2 of 4 experts, half the slots no-op
 
 
 # ---- bench smoke test -------------------------------------------------------------------------------------------
 def test_bench_smoke(capsys):
+    from treeffn.bench.common import check_record
     from treeffn.bench.mod import main
 
     threads = torch.get_num_threads()
@@ -369,25 +376,38 @@ def test_bench_smoke(capsys):
                "--seq-len", "16", "--warmup", "0", "--repeats", "1", "--router-steps", "2"])
     assert rc == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert res["benchmark"] == "mod" and [d["batch"] for d in res["results"]["decode"]] == [1, 2]
-    assert (res["every"], res["capacity"], res["causal"], res["router_steps"]) == (2, 0.125, "aux", 2)
+    check_record(res, "mod")  # the JSON line schema shared by every benchmark (bench/common.py)
+    s, summary = res["settings"], res["summary"]
+    assert (s["every"], s["capacity"], s["causal"], s["router_steps"]) == (2, 0.125, "aux", 2)
     assert res["env"]["threads"] == 1 and torch.get_num_threads() == threads  # the bench restores the caller's threads
-    train = res["results"]["train"]
-    assert (train["batch"], train["seq_len"]) == (2, 16) and train["baseline_s"] > 0 and train["mod_s"] > 0
-    assert train["ratio"] == pytest.approx(train["mod_s"] / train["baseline_s"])
-    for d in res["results"]["decode"]:
-        assert (d["prompt"], d["new"]) == (6, 4) and 0.0 <= d["routed_frac"] <= 1.0
-        assert d["speedup"] == pytest.approx(d["mod_tok_s"] / d["baseline_tok_s"])
-        assert math.isfinite(d["speedup"]) and d["baseline_tok_s"] > 0
+    train = {r["impl"]: r for r in res["results"] if r["case"]["phase"] == "train"}
+    assert set(train) == {"baseline", "mod"}
+    for r in train.values():
+        assert (r["case"]["batch"], r["case"]["seq_len"]) == (2, 16) and r["time_s"]["median"] > 0
+    ratio = train["mod"]["time_s"]["median"] / train["baseline"]["time_s"]["median"]
+    assert summary["train_ratio"] == pytest.approx(ratio, rel=1e-3)
+    assert train["mod"]["metrics"]["time_ratio_vs_baseline"] == pytest.approx(ratio, rel=1e-3)
+    decode = [r for r in res["results"] if r["case"]["phase"] == "decode"]
+    assert [(r["case"]["batch"], r["impl"]) for r in decode] == [(1, "baseline"), (1, "mod"), (2, "baseline"),
+                                                                   (2, "mod")]
+    speedups = []
+    for base, mod in zip(decode[::2], decode[1::2]):
+        assert (mod["case"]["prompt"], mod["case"]["new"]) == (6, 4) and 0.0 <= mod["metrics"]["routed_frac"] <= 1.0
+        speedup = mod["metrics"]["speedup_vs_baseline"]
+        assert speedup == pytest.approx(mod["metrics"]["tok_s"] / base["metrics"]["tok_s"], rel=1e-3)
+        assert mod["metrics"]["tok_s"] == pytest.approx(mod["case"]["batch"] * 4 / mod["time_s"]["median"], rel=1e-3)
+        assert math.isfinite(speedup) and base["metrics"]["tok_s"] > 0
+        speedups.append(speedup)
     # one routed block (2 layers, every 2): one agreement figure, a fraction
-    assert len(res["router_agreement"]) == 1 and 0.0 <= res["router_agreement"][0] <= 1.0
+    assert len(summary["router_agreement"]) == 1 and 0.0 <= summary["router_agreement"][0] <= 1.0
     # the analytic FLOPs ratio is that of the two configurations at T = 16 (training: top-C at capacity)
     base = build_model("debug", {"mod.every": 0}).flops_per_token(16)["total"]
     mod = build_model("debug", {"mod.every": 2, "mod.capacity": 0.125}).flops_per_token(16)["total"]
-    assert res["flops_ratio"] == pytest.approx(mod / base) and res["flops_ratio"] < 1
-    t = res["targets"]
-    assert t["decode_met"] == all(d["speedup"] >= t["decode_speedup"] for d in res["results"]["decode"])
-    assert t["train_met"] == (train["ratio"] <= t["train_ratio"])
+    assert summary["flops_ratio"] == pytest.approx(mod / base, rel=1e-4) and summary["flops_ratio"] < 1
+    assert train["mod"]["metrics"]["flops_per_token"] == pytest.approx(mod, rel=1e-4)
+    t = summary["targets"]
+    assert t["decode_met"] == all(sp >= t["decode_speedup"] for sp in speedups)
+    assert t["train_met"] == (summary["train_ratio"] <= t["train_ratio"])
 
 
 def test_mod_checkpoint_round_trip(tmp_path):

@@ -1,4 +1,4 @@
-"""Nothing lost: every command that writes a folder goes through ``checkpoint.check_output_dir``.
+"""Nothing lost: every command that writes a folder goes through ``outputs.check_output_dir``.
 
 Each command must refuse, with one ``treeffn: error:`` line and exit status 2 and before doing any work, a target
 that exists and is not a treeffn folder of the kind it writes, or that is its own input or contains it; a treeffn
@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from treeffn import checkpoint as ckpt
+from treeffn import outputs
 from treeffn.cli import main
 from treeffn.errors import OutputError
 from treeffn.model import build_model
@@ -57,29 +58,29 @@ def tree_ck(tmp_path, sample_data):
 
 # ---- the shared helper -----------------------------------------------------------------------------------------
 def test_output_kind_and_guard(tmp_path, dense_ck, sample_data):
-    assert ckpt.output_kind(dense_ck) == "checkpoint"
-    assert ckpt.output_kind(sample_data) == "data"
-    assert ckpt.output_kind(precious(tmp_path / "mine")) is None
+    assert outputs.output_kind(dense_ck) == "checkpoint"
+    assert outputs.output_kind(sample_data) == "data"
+    assert outputs.output_kind(precious(tmp_path / "mine")) is None
     (tmp_path / "empty").mkdir()
-    assert ckpt.output_kind(tmp_path / "empty") == "empty"
-    ckpt.check_output_dir(tmp_path / "new", "checkpoint")
-    ckpt.check_output_dir(tmp_path / "empty", "checkpoint")
+    assert outputs.output_kind(tmp_path / "empty") == "empty"
+    outputs.check_output_dir(tmp_path / "new", "checkpoint")
+    outputs.check_output_dir(tmp_path / "empty", "checkpoint")
     with pytest.raises(OutputError, match="refusing"):
-        ckpt.check_output_dir(tmp_path / "mine", "checkpoint", overwrite=True)
+        outputs.check_output_dir(tmp_path / "mine", "checkpoint", overwrite=True)
     with pytest.raises(OutputError, match="--overwrite"):
-        ckpt.check_output_dir(dense_ck, "checkpoint")
-    ckpt.check_output_dir(dense_ck, "checkpoint", overwrite=True)
+        outputs.check_output_dir(dense_ck, "checkpoint")
+    outputs.check_output_dir(dense_ck, "checkpoint", overwrite=True)
     with pytest.raises(OutputError, match="not a treeffn training run"):
-        ckpt.check_output_dir(dense_ck, "run", overwrite=True)  # a checkpoint is not a run
+        outputs.check_output_dir(dense_ck, "run", overwrite=True)  # a checkpoint is not a run
     with pytest.raises(OutputError, match="own input"):
-        ckpt.check_output_dir(dense_ck, "checkpoint", overwrite=True, inputs=[dense_ck])
+        outputs.check_output_dir(dense_ck, "checkpoint", overwrite=True, inputs=[dense_ck])
     with pytest.raises(OutputError, match="contains"):
-        ckpt.check_output_dir(tmp_path, "checkpoint", overwrite=True, inputs=[dense_ck])
+        outputs.check_output_dir(tmp_path, "checkpoint", overwrite=True, inputs=[dense_ck])
     (tmp_path / "file").write_text("x")
     with pytest.raises(OutputError, match="not a folder"):
-        ckpt.check_output_dir(tmp_path / "file", "checkpoint", overwrite=True)
+        outputs.check_output_dir(tmp_path / "file", "checkpoint", overwrite=True)
     with pytest.raises(OutputError, match="is a file"):
-        ckpt.check_output_dir(tmp_path / "file" / "sub", "checkpoint", overwrite=True)
+        outputs.check_output_dir(tmp_path / "file" / "sub", "checkpoint", overwrite=True)
     assert intact(tmp_path / "mine")
 
 
@@ -93,7 +94,7 @@ def test_convert_refuses(tmp_path, dense_ck, sample_data, capsys):
     refused(capsys, ["convert", dense_ck, "--out", mine, "--data", sample_data, *CONVERT], str(mine), "refusing")
     refused(capsys, ["convert", dense_ck, "--out", tmp_path, "--data", sample_data, *CONVERT], "contains")
     refused(capsys, ["convert", dense_ck, "--out", dense_ck, "--data", sample_data, *CONVERT], "own input")
-    assert intact(mine) and ckpt.output_kind(dense_ck) == "checkpoint"
+    assert intact(mine) and outputs.output_kind(dense_ck) == "checkpoint"
 
 
 def test_convert_overwrites_a_checkpoint_only_when_asked(tmp_path, dense_ck, sample_data, capsys):
@@ -117,7 +118,7 @@ def test_import_gguf_refuses(tmp_path, capsys):
     refused(capsys, ["import-gguf", "--gguf", mine / "model.gguf", "--out", user, "--quiet"], "refusing")
     old = ckpt.save_checkpoint_dir(tmp_path / "old", build_model("debug"))
     refused(capsys, ["import-gguf", "--gguf", mine / "model.gguf", "--out", old, "--quiet"], "--overwrite")
-    assert intact(mine) and intact(user) and ckpt.output_kind(old) == "checkpoint"
+    assert intact(mine) and intact(user) and outputs.output_kind(old) == "checkpoint"
 
 
 # ---- prune --------------------------------------------------------------------------------------------------------
@@ -140,7 +141,7 @@ def test_analyze_refuses_and_overwrites_an_analysis_only_when_asked(tmp_path, tr
     refused(capsys, ["analyze", tree_ck, "--out", tree_ck, *args], "own input")
     out = tmp_path / "analysis"
     assert main(["analyze", str(tree_ck), "--out", str(out), *args]) == 0
-    assert ckpt.output_kind(out) == "analysis"
+    assert outputs.output_kind(out) == "analysis"
     capsys.readouterr()
     refused(capsys, ["analyze", tree_ck, "--out", out, *args], "--overwrite")
     assert main(["analyze", str(tree_ck), "--out", str(out), "--overwrite", *args]) == 0
@@ -153,7 +154,7 @@ def test_export_hf_refuses(tmp_path, tree_ck, capsys):
     refused(capsys, ["export-hf", tree_ck, mine, "--no-check"], "refusing")
     refused(capsys, ["export-hf", tree_ck, tmp_path, "--no-check"], "contains")
     refused(capsys, ["export-hf", tree_ck, tree_ck, "--no-check"], "own input")
-    assert intact(mine) and ckpt.output_kind(tree_ck) == "checkpoint"
+    assert intact(mine) and outputs.output_kind(tree_ck) == "checkpoint"
 
 
 def test_export_hf_overwrites_an_export_only_when_asked(tmp_path, tree_ck, sample_data, capsys):
@@ -161,10 +162,10 @@ def test_export_hf_overwrites_an_export_only_when_asked(tmp_path, tree_ck, sampl
     (tree_ck / "tokenizer.json").write_bytes((sample_data / "tokenizer.json").read_bytes())
     out = tmp_path / "hf"
     assert main(["export-hf", str(tree_ck), str(out), "--no-check"]) == 0
-    assert ckpt.output_kind(out) == "hf"
+    assert outputs.output_kind(out) == "hf"
     refused(capsys, ["export-hf", tree_ck, out, "--no-check"], "--overwrite")
     assert main(["export-hf", str(tree_ck), str(out), "--no-check", "--overwrite"]) == 0
-    assert ckpt.output_kind(out) == "hf" and not list(tmp_path.glob(".tmp-*"))
+    assert outputs.output_kind(out) == "hf" and not list(tmp_path.glob(".tmp-*"))
 
 
 # ---- data prepare -------------------------------------------------------------------------------------------------
@@ -203,7 +204,7 @@ def test_train_refuses(tmp_path, dense_ck, sample_data, capsys):
     refused(capsys, ["train", "--data", sample_data, "--init", dense_ck, "--out", dense_ck, *TRAIN], "own input")
     refused(capsys, ["train", "--data", sample_data, "--out", tmp_path / "r", "--resume", "--overwrite", *TRAIN],
             "--resume")
-    assert intact(mine) and ckpt.output_kind(sample_data) == "data" and ckpt.output_kind(dense_ck) == "checkpoint"
+    assert intact(mine) and outputs.output_kind(sample_data) == "data" and outputs.output_kind(dense_ck) == "checkpoint"
 
 
 def test_train_overwrite_replaces_a_run(tmp_path, sample_data, capsys):
@@ -213,7 +214,7 @@ def test_train_overwrite_replaces_a_run(tmp_path, sample_data, capsys):
     refused(capsys, ["train", "--data", sample_data, "--out", run, *TRAIN], "--resume", "--overwrite")
     assert (run / "step-0000002" / "marker").is_file()
     assert main(["train", "--data", str(sample_data), "--out", str(run), "--overwrite", *TRAIN]) == 0
-    assert ckpt.output_kind(run) == "run" and not (run / "step-0000002" / "marker").exists()
+    assert outputs.output_kind(run) == "run" and not (run / "step-0000002" / "marker").exists()
 
 
 # ---- demo ---------------------------------------------------------------------------------------------------------
@@ -230,4 +231,4 @@ def test_demo_refuses_before_any_work(tmp_path, sample_data, capsys):
     assert main(["train", "--data", str(sample_data), "--out", str(runs / "tree"), *TRAIN]) == 0
     capsys.readouterr()
     refused(capsys, ["demo", "--data", sample_data, "--out", runs, "--steps", "1", "--quiet"], "--overwrite")
-    assert ckpt.output_kind(runs / "tree") == "run"
+    assert outputs.output_kind(runs / "tree") == "run"

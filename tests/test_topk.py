@@ -33,12 +33,12 @@ def test_only_the_k_largest_units_contribute_and_get_gradient():
 
 
 def test_accounting_and_config():
-    cfg = get_config("debug", {"ffn.kind": "topk", "ffn.hidden": 64, "ffn.active": 8})
+    cfg = get_config("debug", {"ffn.kind": "topk", "ffn.hidden": 64, "topk.active": 8})
     f = build_ffn(cfg)
     assert isinstance(f, TopKMLP) and f.total_units() == 64 and f.active_units() == 8
     assert f.flops_per_token() == 2 * cfg.model.d_model * (64 + 8), "all pre-activations are computed"
     assert "topk 8 of 64" in cfg.describe()
     out = GPT(cfg)(torch.randint(0, 512, (2, 8)))
     assert out.logits.shape == (2, 8, 512)
-    with pytest.raises(ConfigError, match="ffn.active"):
-        get_config("debug", {"ffn.kind": "topk", "ffn.hidden": 64, "ffn.active": 65})
+    with pytest.raises(ConfigError, match="topk.active"):
+        get_config("debug", {"ffn.kind": "topk", "ffn.hidden": 64, "topk.active": 65})

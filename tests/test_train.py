@@ -28,7 +28,8 @@ def _initial_val_loss(cfg, data):
     """Validation loss of the untrained model train() starts from (same seed, same windows as its evaluation)."""
     from treeffn.data import load_tokens
     from treeffn.model import GPT
-    from treeffn.train import Batches, evaluate_loss
+    from treeffn.data import Batches
+    from treeffn.evaluate import evaluate_loss
 
     torch.manual_seed(cfg.train.seed)
     model = GPT(cfg)
@@ -153,3 +154,58 @@ def test_init_fine_tunes_with_shorter_context_and_frozen_attention(tmp_path, sam
     with pytest.raises(ConfigError, match="differs"):
         train(_cfg(**{"model.d_model": 2 * base.model.d_model}), tmp_path / "bad", sample_data, progress=False,
               tensorboard=False, init=tmp_path / "base")
+
+
+# ---- the config of a run: one assembly for the command line and the Python API ---------------------------------
+def test_assemble_config_order_and_sources(tmp_path):
+    from treeffn.config import assemble_config
+
+    cfg = assemble_config("debug", ["ffn.kind=tree", "tree.depth=3"], defaults={"model.vocab_size": 300,
+                                                                                 "tree.depth": 5})
+    assert (cfg.ffn.kind, cfg.tree.depth, cfg.model.vocab_size) == ("tree", 3, 300), "overrides beat defaults"
+    assert assemble_config("debug", {"train.lr": "1e-2"}).train.lr == 1e-2
+    copy = assemble_config(base=cfg, overrides={"train.max_steps": 7})
+    assert copy.train.max_steps == 7 and cfg.train.max_steps != 7, "the base config is copied, not changed"
+    (tmp_path / "config.json").write_text(cfg.to_json())
+    assert assemble_config(base=tmp_path / "config.json") == cfg
+    assert assemble_config().preset == "tiny"
+
+
+def test_assemble_config_refuses_what_a_saved_config_forbids(tmp_path):
+    from treeffn.config import assemble_config
+    from treeffn.errors import ConfigError
+
+    saved = get_config("debug")
+    with pytest.raises(ConfigError, match="not both"):
+        assemble_config("debug", base=saved)
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        assemble_config(base=tmp_path / "bad.json")
+    ok = assemble_config(base=saved, overrides={"train.lr": 0.5, "model.seq_len": 32}, saved=saved,
+                         may_change=("train", "model.seq_len"))
+    assert ok.train.lr == 0.5 and ok.model.seq_len == 32
+    with pytest.raises(ConfigError, match=r"differs from the run in model\.seq_len \(only train\.\* may change\)"):
+        assemble_config(base=saved, overrides={"model.seq_len": 32}, saved=saved, saved_name="the run")
+    with pytest.raises(ConfigError, match=r"model\.d_model, model\.n_head"):
+        assemble_config(base=saved, overrides={"model.d_model": 96, "model.n_head": 3}, saved=saved)
+
+
+def test_resume_refuses_another_model(tmp_path, sample_data):
+    from treeffn.errors import ConfigError
+
+    cfg = _cfg(**{"train.max_steps": 2})
+    train(cfg, tmp_path / "r", sample_data, progress=False, tensorboard=False, stop_at=1)
+    with pytest.raises(ConfigError, match=r"--resume.* in model\.d_model"):
+        train(_cfg(**{"train.max_steps": 2, "model.d_model": 128}), tmp_path / "r", sample_data, progress=False,
+              tensorboard=False, resume=True)
+    s = train(_cfg(**{"train.max_steps": 2, "train.lr": 1e-4}), tmp_path / "r", sample_data, progress=False,
+              tensorboard=False, resume=True)  # train.* may change
+    assert s["steps"] == 2
+
+
+def test_vocabulary_of_the_data_is_checked(tmp_path, sample_data):
+    from treeffn.errors import DataError
+
+    with pytest.raises(DataError, match="set model.vocab_size=512"):
+        train(_cfg(**{"model.vocab_size": 600}), tmp_path / "r", sample_data, progress=False, tensorboard=False)
+    assert not (tmp_path / "r").exists()

@@ -47,7 +47,7 @@ def test_train_path_with_thresholds_matches_reference(impl, placement):
     y_ref.square().sum().backward()
     grads_ref = [p.grad for p in leaves]
     ours = [p.detach().clone().requires_grad_() for p in leaves]
-    y, paths, lam = tree_train(*ours, depth, "gelu", placement, impl=impl, thr=thr, return_lam=True)
+    y, paths, lam = tree_train(*ours, depth, "gelu", placement, backend=impl, thr=thr, return_lam=True)
     assert torch.equal(paths, ref_paths), f"{impl}: routing with thresholds differs from tree_paths"
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     y.square().sum().backward()
@@ -69,7 +69,7 @@ def test_inference_with_thresholds_matches_reference(impl, placement, M):
     x = x[:M]
     y_ref = tree_reference(x, w_in, b_in, w_out, depth, "gelu", placement, thr=thr)
     with torch.no_grad():
-        y, paths = tree_infer(x, w_in, b_in, w_out, depth, "gelu", placement, return_paths=True, impl=impl, thr=thr)
+        y, paths = tree_infer(x, w_in, b_in, w_out, depth, "gelu", placement, return_paths=True, backend=impl, thr=thr)
     assert torch.equal(paths, tree_paths(x, w_in, b_in, depth, thr))
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
 
@@ -250,12 +250,19 @@ def test_output_init_matches_the_residual_branches_unless_ufb_is_asked():
 def test_bench_balance_smoke(capsys):
     import json
 
+    from treeffn.bench.common import check_record
     from treeffn.cli import main
 
     assert main(["bench", "balance", "--d-model", "32", "--configs", "2x3,1x4", "--tokens", "64", "--repeats",
                  "1"]) == 0
     rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert rec["benchmark"] == "balance" and [r["config"] for r in rec["results"]] == ["2x3", "1x4"]
-    for r in rec["results"]:
-        assert r["threshold_over_none"] == pytest.approx(r["tree_threshold_ms"] / r["tree_none_ms"])
-        assert r["dense_over_threshold"] == pytest.approx(r["dense_ms"] / r["tree_threshold_ms"])
+    check_record(rec, "balance")  # the JSON line schema shared by every benchmark (bench/common.py)
+    assert [(r["case"]["config"], r["impl"]) for r in rec["results"]] == [
+        (c, i) for c in ("2x3", "1x4") for i in ("dense", "tree-none", "tree-threshold")]
+    for c in ("2x3", "1x4"):
+        t = {r["impl"]: r for r in rec["results"] if r["case"]["config"] == c}
+        med = {i: r["time_s"]["median"] for i, r in t.items()}
+        assert t["tree-threshold"]["metrics"]["threshold_over_none"] == pytest.approx(
+            med["tree-threshold"] / med["tree-none"], rel=0.01)
+        assert t["tree-threshold"]["metrics"]["speedup_vs_dense"] == pytest.approx(
+            med["dense"] / med["tree-threshold"], rel=0.01)

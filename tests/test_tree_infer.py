@@ -112,8 +112,8 @@ def _check(impl, case, dtype):
     w_in, b_in, w_out = params(layer, dtype)
     x = torch.randn(M, D, generator=torch.Generator().manual_seed(M)).to(dtype)
     with torch.inference_mode():
-        y, paths = ti.tree_infer(x, w_in, b_in, w_out, depth, act, placement, return_paths=True, impl=impl)
-        y2, none = ti.tree_infer(x, w_in, b_in, w_out, depth, act, placement, impl=impl)
+        y, paths = ti.tree_infer(x, w_in, b_in, w_out, depth, act, placement, return_paths=True, backend=impl)
+        y2, none = ti.tree_infer(x, w_in, b_in, w_out, depth, act, placement, backend=impl)
     assert none is None and torch.equal(y, y2)
     assert y.shape == (M, D) and y.dtype == dtype and paths.shape == (M, K, depth + 1)
     # fp32 reference on exactly the (possibly bf16-rounded) values the kernel saw
@@ -155,7 +155,7 @@ def test_inputs_spread_over_all_leaves(impl, request):
     w_in, b_in, w_out = params(layer)
     x = torch.randn(2048, 32, generator=torch.Generator().manual_seed(5))
     with torch.inference_mode():
-        y, paths = ti.tree_infer(x, w_in, b_in, w_out, depth, return_paths=True, impl=impl)
+        y, paths = ti.tree_infer(x, w_in, b_in, w_out, depth, return_paths=True, backend=impl)
     leaves = set(range(2 ** depth - 1, num_nodes(depth)))
     for k in range(K):
         assert set(paths[:, k, -1].tolist()) == leaves, f"tree {k} leaves not all visited"
@@ -170,7 +170,7 @@ def test_cpp_threading_modes_agree(ext):
     for M in (1, 3, 40):
         x = torch.randn(M, 256, generator=torch.Generator().manual_seed(M))
         with torch.inference_mode():
-            y, paths = ti.tree_infer(x, w_in, b_in, w_out, 5, placement="output", return_paths=True, impl="cpp")
+            y, paths = ti.tree_infer(x, w_in, b_in, w_out, 5, placement="output", return_paths=True, backend="cpp")
         assert torch.equal(paths, tree_paths(x, w_in, b_in, 5))
         ref = tree_reference(x, w_in, b_in, w_out, 5, placement="output")
         torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
@@ -184,7 +184,7 @@ def test_cpp_output_placement_large_responses(ext, act):
     w_out = w_out * 400.0  # accumulated z spans about ±60
     x = torch.randn(64, 40, generator=torch.Generator().manual_seed(6))
     with torch.inference_mode():
-        y, _ = ti.tree_infer(x, w_in, b_in, w_out, 3, act, "output", impl="cpp")
+        y, _ = ti.tree_infer(x, w_in, b_in, w_out, 3, act, "output", backend="cpp")
     ref = tree_reference(x, w_in, b_in, w_out, 3, act, "output")
     assert torch.isfinite(y).all()
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
@@ -198,11 +198,11 @@ def test_cpp_concurrent_python_threads(ext):
     w_in, b_in, w_out = params(layer)
     xs = [torch.randn(300, 96, generator=torch.Generator().manual_seed(i)) for i in range(6)]
     with torch.inference_mode():
-        expected = [ti.tree_infer(x, w_in, b_in, w_out, 4, placement="output", impl="cpp")[0] for x in xs]
+        expected = [ti.tree_infer(x, w_in, b_in, w_out, 4, placement="output", backend="cpp")[0] for x in xs]
 
         def call(i):
             with torch.inference_mode():
-                return ti.tree_infer(xs[i], w_in, b_in, w_out, 4, placement="output", impl="cpp")[0]
+                return ti.tree_infer(xs[i], w_in, b_in, w_out, 4, placement="output", backend="cpp")[0]
 
         with ThreadPoolExecutor(3) as pool:
             got = list(pool.map(call, range(6)))
@@ -215,18 +215,18 @@ def test_cpp_noncontiguous_and_mixed_dtypes(ext):
     w_in, b_in, w_out = params(layer)
     xt = torch.randn(64, 10).t()  # (10, 64), not contiguous
     with torch.inference_mode():
-        y, _ = ti.tree_infer(xt, w_in, b_in, w_out, 3, impl="cpp")
+        y, _ = ti.tree_infer(xt, w_in, b_in, w_out, 3, backend="cpp")
         torch.testing.assert_close(y, tree_reference(xt.contiguous(), w_in, b_in, w_out, 3), rtol=1e-4, atol=1e-5)
         # fp32 tokens with bf16 weights (and the reverse): fp32 accumulation either way
         wb, bb, vb = params(layer, torch.bfloat16)
-        y, paths = ti.tree_infer(xt, wb, bb, vb, 3, return_paths=True, impl="cpp")
+        y, paths = ti.tree_infer(xt, wb, bb, vb, 3, return_paths=True, backend="cpp")
         assert y.dtype == torch.float32
         ref = tree_reference(xt.contiguous(), wb.float(), bb.float(), vb.float(), 3, paths=paths)
         torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
-        y, _ = ti.tree_infer(xt.bfloat16(), w_in, b_in, w_out, 3, impl="cpp")
+        y, _ = ti.tree_infer(xt.bfloat16(), w_in, b_in, w_out, 3, backend="cpp")
         assert y.dtype == torch.bfloat16
         # empty batch
-        y, paths = ti.tree_infer(torch.zeros(0, 64), w_in, b_in, w_out, 3, return_paths=True, impl="cpp")
+        y, paths = ti.tree_infer(torch.zeros(0, 64), w_in, b_in, w_out, 3, return_paths=True, backend="cpp")
         assert y.shape == (0, 64) and paths.shape == (0, 3, 4)
 
 
@@ -238,11 +238,11 @@ def test_errors(ext):
         ti.tree_infer(x.requires_grad_(), layer.w_in, layer.b_in, layer.w_out, 2)
     with torch.no_grad():
         with pytest.raises(RuntimeError, match="nodes per tree"):
-            ti.tree_infer(x, w_in, b_in, w_out, 3, impl="cpp")
+            ti.tree_infer(x, w_in, b_in, w_out, 3, backend="cpp")
         with pytest.raises(ValueError, match="unknown"):
             ti.tree_infer(x, w_in, b_in, w_out, 2, activation="swish")
-        with pytest.raises(ValueError, match="impl"):
-            ti.tree_infer(x, w_in, b_in, w_out, 2, impl="triton")
+        with pytest.raises(ValueError, match="backend"):
+            ti.tree_infer(x, w_in, b_in, w_out, 2, backend="triton")
 
 
 def test_fallback_without_extension(monkeypatch):
@@ -258,7 +258,7 @@ def test_fallback_without_extension(monkeypatch):
     with torch.inference_mode():
         y, paths = ti.tree_infer(x, w_in, b_in, w_out, 3, return_paths=True)
         with pytest.raises(RuntimeError, match="could not be built"):
-            ti.tree_infer(x, w_in, b_in, w_out, 3, impl="cpp")
+            ti.tree_infer(x, w_in, b_in, w_out, 3, backend="cpp")
     assert called
     assert torch.equal(paths, tree_paths(x, w_in, b_in, 3))
     torch.testing.assert_close(y, tree_reference(x, w_in, b_in, w_out, 3), rtol=1e-4, atol=1e-5)
@@ -290,6 +290,7 @@ def test_torch_walk_on_cuda():
 
 
 def test_bench_layer_smoke(capsys):
+    from treeffn.bench.common import check_record
     from treeffn.bench.layer import main
 
     rc = main(["--configs", "1x3,2x2", "--batches", "1,5", "--repeats", "3", "--budget-s", "0.2", "--d-model", "32",
@@ -297,20 +298,23 @@ def test_bench_layer_smoke(capsys):
     assert rc == 0
     out = capsys.readouterr().out
     data = json.loads(out.strip().splitlines()[-1])
-    assert data["bench"] == "layer" and data["d_model"] == 32 and data["dtype"] == "fp32"
+    check_record(data, "layer")  # the JSON line schema shared by every benchmark (bench/common.py)
+    s = data["settings"]
+    assert s["d_model"] == 32 and s["dtype"] == "fp32" and s["moe"]["experts"] == 16 and s["moe"]["top_k"] == 1
     impls = {"tree-torch", "dense-train", "dense-infer", "moe-top1"} | ({"tree-cpp"} if ti.extension() else set())
     rows = {}
     for r in data["results"]:
-        rows.setdefault((r["config"], r["batch"]), {})[r["impl"]] = r
+        rows.setdefault((r["case"]["config"], r["case"]["batch"]), {})[r["impl"]] = r
     assert sorted(rows) == [("1x3", 1), ("1x3", 5), ("2x2", 1), ("2x2", 5)]  # every config at every batch
     for (config, batch), by_impl in rows.items():
         assert set(by_impl) == impls, (config, batch, set(by_impl))
         K, depth = map(int, config.split("x"))
-        dense = by_impl["dense-train"]["us"]
+        dense = by_impl["dense-train"]["time_s"]["median"]
         for r in by_impl.values():
-            assert (r["K"], r["depth"]) == (K, depth)
+            assert (r["case"]["K"], r["case"]["depth"]) == (K, depth)
+            m, t = r["metrics"], r["time_s"]
             # the ideal speed-up is total over visited units; each ratio is the dense-train time over this one's
-            assert r["ideal"] == pytest.approx((2 ** (depth + 1) - 1) / (depth + 1), abs=0.01)
-            assert 0 < r["us_min"] <= r["us"]
-            assert r["ratio_vs_dense_train"] == pytest.approx(dense / r["us"], rel=0.01, abs=0.01)
-        assert by_impl["dense-train"]["ratio_vs_dense_train"] == 1.0
+            assert m["ideal"] == pytest.approx((2 ** (depth + 1) - 1) / (depth + 1), abs=0.01)
+            assert 0 < t["min"] <= t["median"] and t["n"] >= 3  # never fewer than 3 timed calls
+            assert m["ratio_vs_dense_train"] == pytest.approx(dense / t["median"], rel=0.01, abs=0.01)
+        assert by_impl["dense-train"]["metrics"]["ratio_vs_dense_train"] == 1.0

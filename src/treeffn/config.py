@@ -11,8 +11,8 @@ import copy
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
-from typing import Any, get_type_hints
+from dataclasses import dataclass
+from typing import Any, Callable, get_type_hints
 
 from .errors import ConfigError
 
@@ -43,32 +43,9 @@ class ModelConfig:
 
 @dataclass
 class FFNConfig:
-    kind: str = "dense"  # any name in treeffn.layers.FFN_REGISTRY: dense | swiglu | topk | moe | tree
+    kind: str = "dense"  # a registered feed-forward variant (treeffn.layers.VARIANTS)
     hidden: int = 512  # dense / swiglu / topk width; width of each MoE expert
     activation: str = "gelu"  # dense MLP nonlinearity
-    active: int = 32  # ffn.kind=topk: units kept per token (the k largest activations)
-
-
-@dataclass
-class TreeConfig:
-    trees: int = 4  # K
-    depth: int = 6  # D: each tree has 2^(D+1) - 1 nodes, a token visits D + 1 of them
-    node_width: int = 1  # W units per node
-    activation: str = "gelu"
-    placement: str = "node"  # node (UFB-23) | output (balanced, DS-26)
-    bias: bool = True
-    balance: str = "threshold"  # threshold (per-node routing thresholds, docs/quality.md) | none (UFB-23 as published)
-    balance_rate: float = 0.1  # update rate of the thresholds towards the batch mean of each node's score
-    init: str = "residual"  # output vectors: residual (GPT-2 residual-branch scale) | ufb (UFB-23's uniform rule)
-
-
-@dataclass
-class MoEConfig:
-    experts: int = 8
-    top_k: int = 2
-    aux_weight: float = 0.01  # weight of the load-balancing loss (Switch form)
-    expert: str = "dense"  # dense (GELU MLP) | swiglu
-    noop_experts: int = 0  # ffn.kind=mode (integrated MoDE): no-op experts beside the real ones
 
 
 @dataclass
@@ -100,29 +77,54 @@ class TrainConfig:
     stats_every: int = 10  # routing statistics of tree layers, every n steps (0 = off)
 
 
-SECTIONS = {
-    "model": ModelConfig,
-    "ffn": FFNConfig,
-    "tree": TreeConfig,
-    "moe": MoEConfig,
-    "mod": MoDConfig,
-    "train": TrainConfig,
-}
+# Sections by name: the core ones here; feed-forward variants add theirs (``tree``, ``moe``, ``topk`` …) through
+# :func:`register_section` when ``treeffn.layers`` registers them.
+SECTIONS: dict[str, type] = {"model": ModelConfig, "ffn": FFNConfig, "mod": MoDConfig, "train": TrainConfig}
+# Keys renamed since checkpoints were first written: old config.json files still load.
+LEGACY_KEYS = {"ffn.active": "topk.active"}
+_VARIANT_HOOKS: dict[str, Callable[[Config], Any]] = {}
 
 
-@dataclass
+def register_section(cls: type) -> None:
+    """Add a variant's settings dataclass as section ``cls.NAME`` (its ``check()`` validates its own values)."""
+    name = cls.NAME
+    if name in SECTIONS and SECTIONS[name] is not cls:
+        raise ValueError(f"config section '{name}' is registered twice")
+    SECTIONS[name] = cls
+
+
+def register_variant_hooks(check: Callable[[Config], None], describe: Callable[[Config], str]) -> None:
+    """The feed-forward registry's validation and description of the chosen ``ffn.kind``."""
+    _VARIANT_HOOKS.update(check=check, describe=describe)
+
+
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    ffn: FFNConfig = field(default_factory=FFNConfig)
-    tree: TreeConfig = field(default_factory=TreeConfig)
-    moe: MoEConfig = field(default_factory=MoEConfig)
-    mod: MoDConfig = field(default_factory=MoDConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    preset: str = "custom"
+    """Every setting, by section: ``cfg.model.d_model``, ``cfg.tree.depth`` …; ``cfg.preset`` names the origin."""
+
+    def __init__(self, preset: str = "custom"):
+        self.preset = preset
+        self._sections = {name: cls() for name, cls in SECTIONS.items()}
+
+    def __getattr__(self, name: str):
+        sections = self.__dict__.get("_sections")
+        if sections is None or name not in SECTIONS:
+            raise AttributeError(name)
+        if name not in sections:  # registered after this config was made
+            sections[name] = SECTIONS[name]()
+        return sections[name]
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Config) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"Config({self.to_dict()})"
+
+    def sections(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in SECTIONS}
 
     # ---- serialisation --------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {**{name: dataclasses.asdict(sec) for name, sec in self.sections().items()}, "preset": self.preset}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -150,6 +152,7 @@ class Config:
 
     # ---- dotted access --------------------------------------------------------------------------------------
     def set(self, dotted: str, value: Any) -> None:
+        dotted = LEGACY_KEYS.get(dotted, dotted)
         section, _, name = dotted.partition(".")
         if section not in SECTIONS or not name:
             raise ConfigError(f"unknown config key '{dotted}' (sections: {', '.join(SECTIONS)})")
@@ -161,6 +164,7 @@ class Config:
         setattr(obj, name, _coerce(dotted, value, hints[name]))
 
     def get(self, dotted: str) -> Any:
+        dotted = LEGACY_KEYS.get(dotted, dotted)
         section, _, name = dotted.partition(".")
         if section not in SECTIONS or not hasattr(getattr(self, section), name):
             raise ConfigError(f"unknown config key '{dotted}'")
@@ -174,12 +178,12 @@ class Config:
 
     # ---- validation -----------------------------------------------------------------------------------------
     def validate(self) -> "Config":
-        m, f, t, e, r, tr = self.model, self.ffn, self.tree, self.moe, self.mod, self.train
-        _positive("model.d_model", m.d_model)
-        _positive("model.n_layer", m.n_layer)
-        _positive("model.n_head", m.n_head)
-        _positive("model.seq_len", m.seq_len)
-        _positive("model.vocab_size", m.vocab_size)
+        m, f, r, tr = self.model, self.ffn, self.mod, self.train
+        positive("model.d_model", m.d_model)
+        positive("model.n_layer", m.n_layer)
+        positive("model.n_head", m.n_head)
+        positive("model.seq_len", m.seq_len)
+        positive("model.vocab_size", m.vocab_size)
         if m.vocab_size > 2**31 - 1:
             raise ConfigError(f"model.vocab_size {m.vocab_size} is too large")
         if m.d_model % m.n_head:
@@ -192,34 +196,12 @@ class Config:
             raise ConfigError(f"model.norm must be layernorm or rmsnorm (got '{m.norm}')")
         if not 0.0 <= m.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1) (got {m.dropout})")
-        from .layers import FFN_REGISTRY  # late import: layers import config types
-
-        if f.kind not in FFN_REGISTRY:
-            raise ConfigError(f"unknown ffn.kind '{f.kind}'; choose one of {', '.join(sorted(FFN_REGISTRY))}")
-        _positive("ffn.hidden", f.hidden)
-        if f.kind == "topk" and not 1 <= f.active <= f.hidden:
-            raise ConfigError(f"ffn.active ({f.active}) must be between 1 and ffn.hidden ({f.hidden})")
-        _positive("tree.trees", t.trees)
-        _positive("tree.node_width", t.node_width)
-        if t.depth < 0:
-            raise ConfigError(f"tree.depth must be ≥ 0 (got {t.depth})")
-        if t.balance not in ("none", "threshold"):
-            raise ConfigError(f"tree.balance must be none or threshold (got '{t.balance}')")
-        if not 0.0 < t.balance_rate <= 1.0:
-            raise ConfigError(f"tree.balance_rate must be in (0, 1] (got {t.balance_rate})")
-        if t.init not in ("residual", "ufb"):
-            raise ConfigError(f"tree.init must be residual or ufb (got '{t.init}')")
-        if f.kind == "tree":
-            params = 2 * t.trees * (2 ** (t.depth + 1) - 1) * t.node_width * m.d_model
-            if t.depth > 24 or params > 2**31:
-                raise ConfigError(
-                    f"tree {t.trees}x{t.depth} (node_width {t.node_width}) at d_model {m.d_model} needs "
-                    f"{params:.3g} parameters per layer; lower tree.depth or tree.trees")
-        _positive("moe.experts", e.experts)
-        if e.noop_experts < 0:
-            raise ConfigError(f"moe.noop_experts must be ≥ 0 (got {e.noop_experts})")
-        if not 1 <= e.top_k <= e.experts:
-            raise ConfigError(f"moe.top_k ({e.top_k}) must be between 1 and moe.experts ({e.experts})")
+        positive("ffn.hidden", f.hidden)
+        for name, sec in self.sections().items():
+            if name not in ("model", "ffn", "mod", "train"):
+                sec.check()
+        if "check" in _VARIANT_HOOKS:
+            _VARIANT_HOOKS["check"](self)
         if r.every < 0:
             raise ConfigError(f"mod.every must be ≥ 0 (got {r.every})")
         if not 0.0 < r.capacity <= 1.0:
@@ -228,33 +210,22 @@ class Config:
             raise ConfigError(f"mod.causal must be aux or predictor (got '{r.causal}')")
         if tr.lr <= 0 or not math.isfinite(tr.lr):
             raise ConfigError(f"train.lr must be a positive number (got {tr.lr})")
-        _positive("train.batch_size", tr.batch_size)
-        _positive("train.grad_accum", tr.grad_accum)
-        _positive("train.max_steps", tr.max_steps)
+        positive("train.batch_size", tr.batch_size)
+        positive("train.grad_accum", tr.grad_accum)
+        positive("train.max_steps", tr.max_steps)
         if tr.dtype not in ("fp32", "bf16"):
             raise ConfigError(f"train.dtype must be fp32 or bf16 (got '{tr.dtype}')")
         return self
 
     def describe(self) -> str:
-        m, f = self.model, self.ffn
-        if f.kind == "tree":
-            t = self.tree
-            ffn = f"tree {t.trees}x{t.depth} w{t.node_width} {t.activation}/{t.placement}"
-            if t.balance != "none":
-                ffn += f" balance={t.balance}@{t.balance_rate:g}"
-            if t.init != "residual":
-                ffn += f" init={t.init}"
-        elif f.kind == "topk":
-            ffn = f"topk {f.active} of {f.hidden}"
-        elif f.kind == "moe":
-            ffn = f"moe {self.moe.experts}e top-{self.moe.top_k} x{f.hidden}"
-        else:
-            ffn = f"{f.kind} {f.hidden}"
+        m = self.model
+        ffn = _VARIANT_HOOKS["describe"](self) if "describe" in _VARIANT_HOOKS else self.ffn.kind
         mod = f", MoD every {self.mod.every} @ {self.mod.capacity}" if self.mod.every else ""
         return f"{m.n_layer}L d{m.d_model} h{m.n_head} ctx{m.seq_len}, {ffn}{mod}"
 
 
-def _positive(name: str, value: int) -> None:
+def positive(name: str, value: int) -> None:
+    """Raise ConfigError unless ``value`` is a positive number."""
     if not isinstance(value, (int, float)) or value <= 0:
         raise ConfigError(f"{name} must be positive (got {value})")
 
@@ -365,3 +336,66 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, str]:
 
 def public_keys() -> list[str]:
     return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+# ---- the config of a run ---------------------------------------------------------------------------------------
+def config_differences(a: Config, b: Config, may_change: tuple[str, ...] = ()) -> list[str]:
+    """Dotted keys whose values differ between ``a`` and ``b``, leaving out the preset name and the sections
+    (``train``) and keys (``model.seq_len``) named in ``may_change``."""
+    da, db = a.to_dict(), b.to_dict()
+    out = []
+    for section in dict.fromkeys([*da, *db]):
+        if section == "preset" or section in may_change:
+            continue
+        sa, sb = da.get(section) or {}, db.get(section) or {}
+        for key in dict.fromkeys([*sa, *sb]):
+            dotted = f"{section}.{key}"
+            if dotted not in may_change and (key not in sa or key not in sb or sa[key] != sb[key]):
+                out.append(dotted)
+    return out
+
+
+def assemble_config(preset: str | None = None, overrides: dict[str, Any] | list[str] | None = None, *,
+                    base: Config | str | None = None, defaults: dict[str, Any] | None = None,
+                    saved: Config | None = None, saved_name: str = "the saved config",
+                    may_change: tuple[str, ...] = ("train",)) -> Config:
+    """The config of a run: the one place where the command line and the Python API build and check it.
+
+    Starts from ``base`` (a Config, which is copied, or the path of a config.json file such as a checkpoint's) or
+    else from ``preset`` (default ``tiny``; not both); sets ``defaults`` for the keys that ``overrides`` leave alone
+    (the data's ``model.vocab_size``, say), then ``overrides`` (a dict, or ``--set`` strings ``key=value``), and
+    validates the result.
+
+    With ``saved`` (the config of the run being resumed, or of the checkpoint being fine-tuned) the result must equal
+    it except in the sections and keys of ``may_change``; otherwise a ConfigError names the keys that differ.
+    """
+    if base is not None and preset is not None:
+        raise ConfigError("a run's config starts from a preset or from a base config, not both")
+    if base is None:
+        cfg = get_config(preset or "tiny")
+    elif isinstance(base, Config):
+        cfg = base.copy()
+    else:
+        try:
+            with open(base, encoding="utf-8") as fh:
+                cfg = Config.from_dict(json.load(fh))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {base} ({exc.strerror})") from None
+        except ValueError as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"config file {base} is not valid JSON") from None
+    if overrides is not None and not isinstance(overrides, dict):
+        overrides = parse_overrides(overrides)
+    overrides = overrides or {}
+    for key, value in {**{k: v for k, v in (defaults or {}).items() if k not in overrides}, **overrides}.items():
+        cfg.set(key, value)
+    cfg.validate()
+    if saved is not None:
+        diff = config_differences(cfg, saved, may_change)
+        if diff:
+            more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
+            free = ", ".join(k if "." in k else f"{k}.*" for k in may_change)
+            rule = f" (only {free} may change)" if free else ""
+            raise ConfigError(f"the model config differs from {saved_name} in {', '.join(diff[:4])}{more}{rule}")
+    return cfg

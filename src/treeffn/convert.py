@@ -54,11 +54,23 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
+from tokenizers import Tokenizer
+from tqdm.auto import tqdm
 
+from .checkpoint import load_model, resolve, save_checkpoint_dir
+from .config import Config, parse_overrides
+from .data import decode_text_file, load_tokenizer, load_tokens, resolve_data
 from .errors import CheckpointError, ConfigError, DataError
+from .layers import DenseMLP, SwiGLU, build_ffn
+from .model import GPT
+from .ops.activations import activation_fn, activation_grad
+from .ops.tree import tree_reference
+from .outputs import check_output_dir
 
 INIT_METHODS = ("pls", "pca", "random")
 STREAMS = ("student", "teacher")
@@ -79,21 +91,14 @@ def corpus_windows(data: str | None, tokenizer, vocab_size: int, n_tokens: int, 
     offset of each row's slot (in the corpus' own tokens) and the slot length (``seq_len``, or the 4·seq_len data
     tokens a re-encoded window is cut from).
     """
-    import numpy as np
-
     n_win = max(1, math.ceil(n_tokens / seq_len))
     rng = np.random.default_rng(seed)
     path = Path(data) if data not in (None, "sample", "default") else None
     if path is not None and path.is_file():
         if tokenizer is None:
             raise DataError("a text file needs the checkpoint's tokenizer.json, which this checkpoint lacks")
-        from .data import decode_text_file
-
         ids = np.asarray(tokenizer.encode(decode_text_file(path, path.read_bytes()), add_special_tokens=False).ids)
         return _cut_windows(ids, n_win, seq_len, rng, vocab_size, return_starts)
-    from .data import resolve_data
-    from .data import load_tokenizer, load_tokens
-
     ddir = resolve_data(data)
     toks = load_tokens(ddir, "train")
     dtok = load_tokenizer(ddir)
@@ -126,8 +131,6 @@ def corpus_windows(data: str | None, tokenizer, vocab_size: int, n_tokens: int, 
 
 
 def _cut_windows(ids, n_win: int, seq_len: int, rng, vocab_size: int, return_starts: bool = False):
-    import numpy as np
-
     if len(ids) < seq_len:
         raise DataError(f"the corpus has {len(ids)} tokens, fewer than one window of {seq_len}")
     slots = len(ids) // seq_len
@@ -150,8 +153,6 @@ def rel_error(pred: torch.Tensor, target: torch.Tensor) -> float:
 
 @torch.no_grad()
 def tree_predict(tree, x: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-    from .layers.tree import tree_reference
-
     out = []
     for s in range(0, x.shape[0], chunk):
         xs = x[s:s + chunk]
@@ -267,8 +268,6 @@ def _design(paths: torch.Tensor, a: torch.Tensor, N: int) -> torch.Tensor:
 
     Node indices grow with depth (children of j are 2j+1, 2j+2), so each row's columns are already sorted.
     """
-    import warnings
-
     M, L, W = a.shape
     cols = (paths[:, :, None] * W + torch.arange(W)).reshape(-1)
     with warnings.catch_warnings():  # "sparse CSR support is in beta": matmuls with it are all we use
@@ -284,10 +283,6 @@ def _solve_tree_out(paths, lam, r: torch.Tensor, W: int, N: int, activation: str
     The design matrix Φ has L·W non-zeros per token: ΦᵀΦ is accumulated from per-token outer products (fp64,
     small), Φᵀr by a sparse product; neither touches the N·W − L·W units a token does not visit.
     """
-    import warnings
-
-    from .layers.activations import activation_fn
-
     a = activation_fn(activation)(lam)  # (M, L, W)
     M, L, _ = a.shape
     P = N * W
@@ -308,10 +303,6 @@ def _solve_tree_out(paths, lam, r: torch.Tensor, W: int, N: int, activation: str
 @torch.no_grad()
 def _tree_out(paths, lam, v: torch.Tensor, activation: str) -> torch.Tensor:
     """Σ_t Σ_w φ(λ) v for one tree: (M, D), as Φ @ v."""
-    import warnings
-
-    from .layers.activations import activation_fn
-
     N, W, D = v.shape
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -326,8 +317,6 @@ def solve_outputs(tree, x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-3, s
     z_k = Σ λv is not; we linearise φ at 0 (φ(z) ≈ φ'(0)·z, slope ½ for gelu and silu) and solve for Σ_k z_k ≈
     y/φ'(0), a start for Adam rather than an optimum.
     """
-    from .layers.activations import activation_grad
-
     K, N, W, D = tree.w_in.shape
     if N * W > _MAX_LS_UNITS:
         return False
@@ -458,22 +447,11 @@ def fit_layer(tree, x: torch.Tensor, y: torch.Tensor, x_sel: torch.Tensor, y_sel
 
 
 # ---- whole model ----------------------------------------------------------------------------------------------
-def _set_ffn(block, module) -> None:
-    if hasattr(block, "block"):  # Mixture-of-Depths wrapper
-        block.block.ffn = module
-    else:
-        block.ffn = module
-
-
-def _get_ffn(block):
-    return block.block.ffn if hasattr(block, "block") else block.ffn
-
-
 @torch.no_grad()
-def _run_block(block, h: torch.Tensor, chunk: int, capture: bool):
-    """Block output for every window (chunked); with ``capture``, also the MLP's inputs and outputs (M, D)."""
+def _run_block(block, ffn, h: torch.Tensor, chunk: int, capture: bool):
+    """Block output for every window (chunked); with ``capture``, also the inputs and outputs (M, D) of its
+    feed-forward module ``ffn``."""
     xs, ys, outs = [], [], []
-    ffn = _get_ffn(block)
 
     def hook(mod, args, out):
         xs.append(args[0].reshape(-1, args[0].shape[-1]).clone())
@@ -505,23 +483,8 @@ def _lm_loss(model, windows: torch.Tensor, chunk: int = 8) -> float:
     return tot / max(n, 1)
 
 
-def convert(src: str | Path, out: str | Path, overrides: dict | None = None, data: str | None = "sample",
-            tokens: int = 16384, seq_len: int = 256, steps: int = 100, init: str = "pls", stream: str = "student",
-            lr: float = 1e-3, batch: int = 4096, val_fraction: float = 0.1, seed: int = 0, impl: str = "auto",
-            progress: bool = True, log=print, overwrite: bool = False) -> dict:
-    """Convert checkpoint ``src`` into a tree-FFN checkpoint ``out``; returns a summary (per-layer errors …).
-
-    The corpus windows are split three ways, no token shared between the parts (see :func:`corpus_windows`):
-    ``tokens`` for fitting, ``val_fraction``·tokens for choosing each layer's candidate (:func:`fit_layer`), and
-    as many again for the reported figures (per-layer errors and the LM loss of the dense and the converted
-    model), which therefore choose nothing. An existing ``out`` is replaced only if it is a checkpoint folder and
-    ``overwrite`` is set (:func:`treeffn.checkpoint.check_output_dir`).
-    """
-    from tqdm.auto import tqdm
-
-    from .checkpoint import check_output_dir, load_model, resolve, save_checkpoint_dir
-    from .layers import build_ffn
-
+def _check_arguments(init: str, stream: str, tokens: int, seq_len: int, steps: int, batch: int,
+                     val_fraction: float) -> None:
     if init not in INIT_METHODS:
         raise ConfigError(f"unknown --init '{init}'; choose one of {', '.join(INIT_METHODS)}")
     if stream not in STREAMS:
@@ -529,13 +492,12 @@ def convert(src: str | Path, out: str | Path, overrides: dict | None = None, dat
     if tokens < 2 or seq_len < 2 or steps < 0 or batch < 1 or not 0.0 < val_fraction < 1.0:
         raise ConfigError("--tokens and --seq-len must be ≥ 2, --steps ≥ 0, --batch-size ≥ 1, "
                           "--val-fraction in (0, 1)")
-    t0 = time.time()
-    folder = resolve(src)
-    data_path = Path(data) if data not in (None, "sample", "default") else None
-    check_output_dir(out, "checkpoint", overwrite=overwrite, inputs=[src, folder, data_path])
-    model = load_model(folder)
+
+
+def _tree_config(model: GPT, overrides: dict | None) -> Config:
+    """The converted model's config: the model's with ``ffn.kind=tree`` and the (tree.* / train.* only) overrides."""
     cfg = model.cfg
-    if cfg.ffn.kind not in ("dense", "swiglu"):
+    if not all(isinstance(f, (DenseMLP, SwiGLU)) for f in model.ffn_modules()):
         raise CheckpointError(f"convert needs a model with dense or swiglu MLPs (this one has ffn.kind={cfg.ffn.kind})")
     for key in overrides or {}:
         if not key.startswith(("tree.", "train.")):
@@ -544,29 +506,31 @@ def convert(src: str | Path, out: str | Path, overrides: dict | None = None, dat
     new_cfg = cfg.copy()
     new_cfg.ffn.kind = "tree"
     new_cfg.apply(overrides)
-    seq_len = min(seq_len, cfg.model.seq_len)
+    return new_cfg
 
+
+def _corpus_parts(folder: Path, data, vocab_size: int, tokens: int, val_fraction: float, seq_len: int,
+                  seed: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """Disjoint corpus windows {fit, select, report} and their corpus offsets (``convert.json``'s ``windows``)."""
     tokenizer = None
     if (folder / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
-
         tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     n_fit_win = max(1, math.ceil(tokens / seq_len))
     n_sel_win = max(1, math.ceil(val_fraction * tokens / seq_len))
-    windows, starts, span = corpus_windows(data, tokenizer, cfg.model.vocab_size,
-                                           (n_fit_win + 2 * n_sel_win) * seq_len, seq_len, seed, return_starts=True)
+    windows, starts, span = corpus_windows(data, tokenizer, vocab_size, (n_fit_win + 2 * n_sel_win) * seq_len,
+                                           seq_len, seed, return_starts=True)
     cut = {"fit": (0, n_fit_win), "select": (n_fit_win, n_fit_win + n_sel_win),
            "report": (n_fit_win + n_sel_win, n_fit_win + 2 * n_sel_win)}
     parts = {k: windows[a:b] for k, (a, b) in cut.items()}
-    dense_loss = _lm_loss(model, parts["report"])
-    t = new_cfg.tree
-    probe = build_ffn(new_cfg)
-    log(f"converting {folder} ({cfg.describe()}) -> tree {t.trees}x{t.depth} w{t.node_width} "
-        f"{t.activation}/{t.placement}: {probe.active_units():.0f} of {probe.total_units()} units per token "
-        f"({probe.active_units() / probe.total_units():.1%}); {n_fit_win * seq_len} fitting, {n_sel_win * seq_len} "
-        f"selection and {n_sel_win * seq_len} held-out report tokens (disjoint windows), init {init}, {steps} Adam "
-        f"steps, stream {stream}")
+    # corpus offsets of the windows of each part (slots of `span` corpus tokens, pairwise disjoint)
+    offsets = {"span": span, **{k: [int(v) for v in starts[a:b]] for k, (a, b) in cut.items()}}
+    return parts, offsets
 
+
+def _convert_layers(model, new_cfg: Config, parts: dict[str, torch.Tensor], steps: int, init: str, stream: str,
+                    lr: float, batch: int, seed: int, impl: str, progress: bool, log) -> list[dict]:
+    """Fit a tree to every block's MLP in turn and put it in place; returns the per-layer results."""
+    seq_len = parts["fit"].shape[1]
     chunk = max(1, 4096 // seq_len)
     # each part is carried through the blocks on its own, so a layer's fitting, selection and report tokens come
     # from different windows (also for Mixture-of-Depths blocks, which see only the tokens routed to them)
@@ -576,7 +540,8 @@ def convert(src: str | Path, out: str | Path, overrides: dict | None = None, dat
                unit="step")
     for i, block in enumerate(model.blocks):
         lt = time.time()
-        cap = {k: _run_block(block, hk, chunk, capture=True) for k, hk in h.items()}
+        mlp = model.ffn_modules()[i]
+        cap = {k: _run_block(block, mlp, hk, chunk, capture=True) for k, hk in h.items()}
         (_, x, y), (_, xs, ys), (_, xr, yr) = cap["fit"], cap["select"], cap["report"]
         torch.manual_seed(seed + i)
         tree = build_ffn(new_cfg)
@@ -584,9 +549,9 @@ def convert(src: str | Path, out: str | Path, overrides: dict | None = None, dat
                         on_step=lambda loss: bar.update(1))
         bar.update(1)
         tree.requires_grad_(True)
-        _set_ffn(block, tree)
+        model.replace_ffn(i, tree)
         if stream == "student":
-            h = {k: _run_block(block, hk, chunk, capture=False) for k, hk in h.items()}
+            h = {k: _run_block(block, tree, hk, chunk, capture=False) for k, hk in h.items()}
         else:
             h = {k: c[0] for k, c in cap.items()}
         res = {"layer": i, **{k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()},
@@ -597,24 +562,55 @@ def convert(src: str | Path, out: str | Path, overrides: dict | None = None, dat
                f"init {res['random_val']:.3f}) {res['seconds']:.0f} s")
         bar.write(msg, file=sys.stderr) if progress else log(msg)
     bar.close()
+    return layers
+
+
+def convert(src: str | Path, out: str | Path, overrides: dict | None = None, data: str | None = "sample",
+            tokens: int = 16384, seq_len: int = 256, steps: int = 100, init: str = "pls", stream: str = "student",
+            lr: float = 1e-3, batch: int = 4096, val_fraction: float = 0.1, seed: int = 0, impl: str = "auto",
+            progress: bool = True, log=print, overwrite: bool = False) -> dict:
+    """Convert checkpoint ``src`` into a tree-FFN checkpoint ``out``; returns a summary (per-layer errors …).
+
+    The corpus windows are split three ways, no token shared between the parts (see :func:`corpus_windows`):
+    ``tokens`` for fitting, ``val_fraction``·tokens for choosing each layer's candidate (:func:`fit_layer`), and
+    as many again for the reported figures (per-layer errors and the LM loss of the dense and the converted
+    model), which therefore choose nothing. An existing ``out`` is replaced only if it is a checkpoint folder and
+    ``overwrite`` is set (:func:`treeffn.outputs.check_output_dir`).
+    """
+    _check_arguments(init, stream, tokens, seq_len, steps, batch, val_fraction)
+    t0 = time.time()
+    folder = resolve(src)
+    data_path = Path(data) if data not in (None, "sample", "default") else None
+    check_output_dir(out, "checkpoint", overwrite=overwrite, inputs=[src, folder, data_path])
+    model = load_model(folder)
+    cfg = model.cfg
+    new_cfg = _tree_config(model, overrides)
+    seq_len = min(seq_len, cfg.model.seq_len)
+    parts, offsets = _corpus_parts(folder, data, cfg.model.vocab_size, tokens, val_fraction, seq_len, seed)
+    n_fit, n_sel = parts["fit"].numel(), parts["select"].numel()
+    dense_loss = _lm_loss(model, parts["report"])
+    t = new_cfg.tree
+    probe = build_ffn(new_cfg)
+    active = probe.active_units() / probe.total_units()
+    log(f"converting {folder} ({cfg.describe()}) -> tree {t.trees}x{t.depth} w{t.node_width} "
+        f"{t.activation}/{t.placement}: {probe.active_units():.0f} of {probe.total_units()} units per token "
+        f"({active:.1%}); {n_fit} fitting, {n_sel} selection and {n_sel} held-out report tokens (disjoint windows), "
+        f"init {init}, {steps} Adam steps, stream {stream}")
+    layers = _convert_layers(model, new_cfg, parts, steps, init, stream, lr, batch, seed, impl, progress, log)
     model.cfg = new_cfg
     model.eval()
     tree_loss = _lm_loss(model, parts["report"])
-    extra = {p.name: p for p in folder.iterdir()
-             if p.is_file() and p.name not in ("config.json", "model.safetensors", "trainer.json",
-                                               "optimizer.safetensors")}
     summary = {
         "source": str(folder), "out": str(out), "tree": f"{t.trees}x{t.depth}", "node_width": t.node_width,
         "activation": t.activation, "placement": t.placement, "init": init, "stream": stream, "steps": steps,
-        "fit_tokens": n_fit_win * seq_len, "select_tokens": n_sel_win * seq_len,
-        "heldout_tokens": n_sel_win * seq_len, "seq_len": seq_len,
-        "active_fraction": probe.active_units() / probe.total_units(),
-        "mean_rel_error": round(sum(r["final_val"] for r in layers) / len(layers), 4),
+        "fit_tokens": n_fit, "select_tokens": n_sel, "heldout_tokens": n_sel, "seq_len": seq_len,
+        "active_fraction": active, "mean_rel_error": round(sum(r["final_val"] for r in layers) / len(layers), 4),
         "heldout_loss_dense": round(dense_loss, 4), "heldout_loss_tree": round(tree_loss, 4),
-        "seconds": round(time.time() - t0, 1), "layers": layers,
-        # corpus offsets of the windows of each part (slots of `span` corpus tokens, pairwise disjoint)
-        "windows": {"span": span, **{k: [int(v) for v in starts[a:b]] for k, (a, b) in cut.items()}},
+        "seconds": round(time.time() - t0, 1), "layers": layers, "windows": offsets,
     }
+    extra = {p.name: p for p in folder.iterdir()
+             if p.is_file() and p.name not in ("config.json", "model.safetensors", "trainer.json",
+                                               "optimizer.safetensors")}
     extra["convert.json"] = summary
     save_checkpoint_dir(Path(out), model, extra_files=extra)
     return summary
@@ -655,8 +651,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from .config import parse_overrides
-
     overrides = parse_overrides(args.overrides)
     torch.set_grad_enabled(True)
     summary = convert(args.dir, args.out, overrides, data=args.data, tokens=args.tokens, seq_len=args.seq_len,

@@ -16,6 +16,10 @@ comparable across tokenizers.
 Everything is written to a temporary folder next to the output and renamed into place at the end, so a failed or
 interrupted run leaves nothing that looks like a prepared dataset. A second call with the same parameters returns
 the existing dataset without redoing any work.
+
+Reading: :class:`Batches` cuts the token files into deterministic windows (training batches, evaluation windows);
+:func:`resolve_data` turns a ``--data`` argument (a path, ``default``, ``sample`` or nothing: the data a checkpoint
+records) into a data directory; :func:`check_vocab` and :func:`check_token_ids` check data against a model.
 """
 
 from __future__ import annotations
@@ -35,10 +39,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from treeffn.errors import ConfigError, DataError
-from treeffn.sources import Document, default_cache_dir, fetch_source, file_lock, source_specs
+from .cache import default_cache_dir, file_lock
+from .errors import ConfigError, DataError
+from .outputs import check_output_dir, install_dir
+from .sources import Document, fetch_source, source_specs
 
 FORMAT = "treeffn-data"
 FORMAT_VERSION = 1
@@ -64,6 +71,11 @@ _NO_DATA_HINT = "run `treeffn data prepare`"
 def default_data_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """Where ``treeffn data prepare`` writes by default: ``<cache>/data/default``."""
     return (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "data" / "default"
+
+
+def sample_data_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where the committed text sample is prepared (``--data sample``): ``<cache>/data/sample``."""
+    return (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "data" / "sample"
 
 
 def sample_text_path() -> Path:
@@ -314,10 +326,8 @@ def _params_hash(params: dict[str, Any]) -> str:
 
 
 def _check_replaceable(out_dir: Path, overwrite: bool, inputs: Sequence[Any] = ()) -> None:
-    """The shared output guard (:func:`treeffn.checkpoint.check_output_dir`): an empty folder may be written, an
+    """The shared output guard (:func:`treeffn.outputs.check_output_dir`): an empty folder may be written, an
     earlier treeffn dataset replaced only with ``overwrite``, and never a user's unrelated files or our own inputs."""
-    from treeffn.checkpoint import check_output_dir
-
     check_output_dir(out_dir, "data", overwrite=overwrite, inputs=inputs)
 
 
@@ -338,8 +348,6 @@ def _existing(out_dir: Path, params_hash: str) -> dict[str, Any] | None:
 
 def _install(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     """Move the finished folder into place; an earlier dataset there is moved aside first, then deleted."""
-    from treeffn.checkpoint import install_dir
-
     _check_replaceable(out_dir, overwrite)
     install_dir(tmp, out_dir)
 
@@ -521,12 +529,13 @@ def prepare(
 
 
 def prepare_sample(
-    out_dir: str | os.PathLike[str], vocab_size: int = 512, seed: int = 0, progress: bool = False,
+    out_dir: str | os.PathLike[str] | None = None, vocab_size: int = 512, seed: int = 0, progress: bool = False,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """A tiny dataset from the committed ``assets/sample.txt`` (cut into ~8 KB documents); takes a few seconds.
 
-    A sample prepared with other parameters in ``out_dir`` is replaced only with ``overwrite``."""
+    ``out_dir`` defaults to :func:`sample_data_dir`. A sample prepared with other parameters in ``out_dir`` is
+    replaced only with ``overwrite``."""
     _check_params(vocab_size, 0.05)
     path = sample_text_path()
     data = path.read_bytes()
@@ -543,7 +552,8 @@ def prepare_sample(
         docs = [Document(SAMPLE_SOURCE, f"sample-{i:03d}", p) for i, p in enumerate(pieces)]
         return docs, {SAMPLE_SOURCE: params["sample"][:12]}
 
-    return _prepare_documents(Path(out_dir).expanduser(), gather, params, progress, overwrite)
+    out = Path(out_dir).expanduser() if out_dir is not None else sample_data_dir()
+    return _prepare_documents(out, gather, params, progress, overwrite)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -623,6 +633,15 @@ def check_token_ids(ids: Any, vocab_size: int) -> None:
         raise DataError(f"token id {bad} is out of range for vocab size {vocab_size}")
 
 
+def check_vocab(meta: dict[str, Any], vocab_size: int, data_dir: str | os.PathLike[str],
+                hint: str = "pass the data the model was trained on with --data") -> None:
+    """DataError unless the prepared data in ``data_dir`` (whose meta.json is ``meta``) has the vocabulary size
+    ``vocab_size`` of the model that is to read it; ``hint`` says what to do instead."""
+    if int(meta["vocab_size"]) != int(vocab_size):
+        raise DataError(f"the data in {data_dir} has a vocabulary of {meta['vocab_size']} tokens, the model "
+                        f"{vocab_size}; {hint}")
+
+
 class TextCodec:
     """Text <-> token ids with a prepared data directory's tokenizer."""
 
@@ -656,39 +675,124 @@ class TextCodec:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_eot)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Windows of a token file
+
+
+def hash_ints(*xs: int) -> int:
+    """A seed from a few integers (FNV-1a style, 61 bits): the same numbers give the same seed on every platform."""
+    h = 1469598103934665603
+    for x in xs:
+        h = ((h ^ (x & 0xFFFFFFFF)) * 1099511628211) % (1 << 61)
+    return h
+
+
+class Batches:
+    """Deterministic random windows of a uint16 token memmap.
+
+    A training batch is a pure function of (seed, step, micro-step): the global batch is drawn from a generator seeded
+    by those numbers and each of ``world`` processes takes its own contiguous slice, so the data position of a run is
+    its step and a resumed run reads exactly what an uninterrupted one would.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, vocab_size: int):
+        if len(tokens) < seq_len + 2:
+            raise DataError(f"the corpus has {len(tokens)} tokens, fewer than one training window of {seq_len + 1}")
+        check_token_ids(tokens[: min(len(tokens), 1 << 20)], vocab_size)  # cheap spot check; full one at prepare
+        self.tokens, self.seq_len = tokens, seq_len
+
+    def window(self, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and next-token targets, (len(starts), seq_len) each, of the windows starting at ``starts``."""
+        T = self.seq_len
+        rows = np.stack([np.asarray(self.tokens[s: s + T + 1], dtype=np.int64) for s in starts.tolist()])
+        t = torch.from_numpy(rows)
+        return t[:, :-1], t[:, 1:]
+
+    def train_batch(self, seed: int, step: int, micro: int, batch: int, rank: int = 0,
+                    world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Process ``rank``'s slice (``batch // world`` windows) of the global batch of (seed, step, micro)."""
+        g = torch.Generator().manual_seed(hash_ints(seed, step, micro))
+        starts = torch.randint(0, len(self.tokens) - self.seq_len - 1, (batch,), generator=g)
+        per = batch // world
+        return self.window(starts[rank * per: (rank + 1) * per])
+
+    def eval_starts(self, n_windows: int) -> torch.Tensor:
+        """Evenly spaced, non-overlapping windows: the same ones every evaluation."""
+        total = (len(self.tokens) - 1) // self.seq_len
+        n = total if n_windows <= 0 else min(n_windows, total)
+        idx = torch.linspace(0, total - 1, n).round().long()
+        return idx * self.seq_len
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Which data: --data arguments and the data a checkpoint records
+
+DATA_RECORD = "data.json"  # in a checkpoint folder: the data the model was trained on (data_record)
+
+
+def data_record(data_dir: str | os.PathLike[str], meta: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint folder records as ``data.json`` about the data it was trained on."""
+    return {"data_dir": str(data_dir), "vocab_size": meta["vocab_size"], "eot_id": meta.get("eot_id")}
+
+
+def data_location(name: str | os.PathLike[str] | None = None,
+                  recorded_in: str | os.PathLike[str] | None = None) -> Path:
+    """Where a ``--data`` argument points, without preparing anything (see :func:`resolve_data`)."""
+    if name is None and recorded_in is not None:
+        record = Path(recorded_in) / DATA_RECORD
+        if not record.is_file():
+            raise DataError(f"{recorded_in} does not record its training data; pass --data DIR")
+        try:
+            return Path(json.loads(record.read_text(encoding="utf-8"))["data_dir"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise DataError(f"{record} is corrupt; pass --data DIR") from None
+    if name is None or name == "default":
+        return default_data_dir()
+    if name == "sample":
+        return sample_data_dir()
+    return Path(name)
+
+
+def resolve_data(name: str | os.PathLike[str] | None = None, recorded_in: str | os.PathLike[str] | None = None,
+                 fetch_default: bool = False, progress: bool = False) -> Path:
+    """A ``--data`` argument -> a prepared data directory.
+
+    ``None`` is the data recorded in the checkpoint folder ``recorded_in`` (its data.json) when one is given, else
+    the default corpus; ``default`` is the default corpus in treeffn's cache (fetched and prepared here only with
+    ``fetch_default``; otherwise ``treeffn data prepare`` does that); ``sample`` is the committed text sample,
+    prepared on the fly into treeffn's cache; anything else is a path.
+    """
+    where = data_location(name, recorded_in)
+    if name == "sample":
+        prepare_sample(where, progress=progress, overwrite=True)  # treeffn's own cache: a stale sample is replaced
+    elif fetch_default and where == default_data_dir():
+        prepare(where, progress=progress, overwrite=True)  # treeffn's own cache
+    return where
+
+
 __all__ = [
+    "DATA_RECORD",
     "DEFAULT_SOURCES",
     "EOT_TOKEN",
     "FORMAT_VERSION",
+    "Batches",
     "TextCodec",
     "check_token_ids",
+    "check_vocab",
+    "data_location",
+    "data_record",
     "decode_text_file",
-    "default_cache_dir",
     "default_data_dir",
+    "hash_ints",
     "load_meta",
     "load_tokenizer",
     "load_tokens",
     "prepare",
     "prepare_sample",
     "read_user_documents",
+    "resolve_data",
+    "sample_data_dir",
     "sample_text_path",
     "split_documents",
     "split_into_pieces",
 ]
-
-
-def sample_data_dir() -> Path:
-    """Where the committed text sample is prepared (``--data sample``)."""
-    return Path(default_cache_dir()) / "data" / "sample"
-
-
-def resolve_data(name: str | None) -> Path:
-    """A ``--data`` argument -> a prepared data directory: ``default`` (or None) is the default corpus, ``sample``
-    the committed text sample (prepared on the fly into treeffn's cache), anything else a path."""
-    if name in (None, "default"):
-        return default_data_dir()
-    if name == "sample":
-        out = sample_data_dir()
-        prepare_sample(out, progress=False, overwrite=True)  # treeffn's own cache: a stale sample is replaced
-        return out
-    return Path(name)

@@ -7,7 +7,7 @@ batches) and evaluated side by side:
   the comparison critics of fast feedforward asked for.
 
 The runs go to ``OUT/<name>``. Before anything is prepared or trained, each is checked with
-:func:`treeffn.checkpoint.check_output_dir`: a folder there that is not a treeffn run is never touched, and an
+:func:`treeffn.outputs.check_output_dir`: a folder there that is not a treeffn run is never touched, and an
 earlier run is replaced only with ``--overwrite``."""
 
 from __future__ import annotations
@@ -18,48 +18,40 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from .config import get_config
-
+from .analyze import analyze, tree_layers
+from .config import assemble_config
+from .data import data_location, load_meta, resolve_data
+from .evaluate import decode_speed, evaluate_checkpoint
+from .layers import dense_twin
+from .outputs import check_output_dir, remove_output_dir
+from .train import train
 
 RUNS = ("dense", "tree", "dense-narrow")
 
 
 def demo_configs(preset: str, steps: int | None, vocab_size: int) -> dict:
     """{run name: config} for the three models of the demo (see the module docstring)."""
-    tree = get_config(preset, {"ffn.kind": "tree", "model.vocab_size": vocab_size})
+    tree = assemble_config(preset, {"ffn.kind": "tree", "model.vocab_size": vocab_size})
     if steps:
-        tree.apply({"train.max_steps": steps, "train.warmup_steps": max(1, min(tree.train.warmup_steps, steps // 10))})
-    t = tree.tree
-    dense = tree.copy().apply({"ffn.kind": "dense", "ffn.hidden": t.trees * (2 ** (t.depth + 1) - 1) * t.node_width})
-    narrow = tree.copy().apply({"ffn.kind": "dense", "ffn.hidden": t.trees * (t.depth + 1) * t.node_width})
+        tree = assemble_config(base=tree, overrides={
+            "train.max_steps": steps, "train.warmup_steps": max(1, min(tree.train.warmup_steps, steps // 10))})
+    dense, narrow = dense_twin(tree, "training"), dense_twin(tree, "inference")
     return {"dense": dense, "tree": tree, "dense-narrow": narrow}
 
 
 def run_demo(args) -> int:
-    from .data import resolve_data
-    from .data import default_data_dir, load_meta, prepare
-    from .analyze import analyze
-    from .evaluate import decode_speed, evaluate_checkpoint
-    from .train import train
-
     t0 = time.perf_counter()
     out = Path(args.out)
     overwrite = getattr(args, "overwrite", False)
-    default = args.data in (None, "default")
-    data_in = default_data_dir() if default else (None if args.data == "sample" else Path(args.data))
     for name in RUNS:  # before any work: never a folder that is not ours, ours only with --overwrite
-        ckpt.check_output_dir(out / name, "run", overwrite=overwrite, inputs=[data_in])
-    if default:
-        data_dir = default_data_dir()
-        prepare(data_dir, progress=not args.quiet, overwrite=True)  # treeffn's own cache
-    else:
-        data_dir = resolve_data(args.data)
+        check_output_dir(out / name, "run", overwrite=overwrite, inputs=[data_location(args.data)])
+    data_dir = resolve_data(args.data, fetch_default=True, progress=not args.quiet)  # the default corpus: fetched once
     meta = load_meta(data_dir)
     rows = {}
     for name, cfg in demo_configs(args.preset, args.steps, meta["vocab_size"]).items():
         run = out / name
-        ckpt.check_output_dir(run, "run", overwrite=overwrite, inputs=[data_dir])
-        ckpt.remove_output_dir(run, "run")  # an earlier treeffn run, accepted for replacement above
+        check_output_dir(run, "run", overwrite=overwrite, inputs=[data_dir])
+        remove_output_dir(run, "run")  # an earlier treeffn run, accepted for replacement above
         print(f"\n== training {name}: {cfg.describe()} for {cfg.train.max_steps} steps ==", flush=True)
         summary = train(cfg, run, data_dir, progress=not args.quiet, tensorboard=False)
         res = evaluate_checkpoint(run, data_dir, windows=256, batch_size=8, progress=False)
@@ -73,7 +65,7 @@ def run_demo(args) -> int:
         g = torch.Generator().manual_seed(0)
         sample = model.generate(torch.tensor([ids]), 48, temperature=0.8, top_k=50, generator=g, eos_id=codec.eot_id)
         res["sample"] = prompt + codec.decode(sample[0, len(ids):].tolist())
-        if cfg.ffn.kind == "tree":  # routing on the same validation windows: is every path in use?
+        if tree_layers(model):  # routing on the same validation windows: is every path in use?
             layers = analyze(run, data_dir, windows=256, plots=False, overwrite=True)["layers"]
             res["tree_dead_worst"] = max(r["dead_nodes"] for r in layers)
             res["tree_leaf_worst"] = min(r["leaf_util"] for r in layers)

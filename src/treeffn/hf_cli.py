@@ -1,12 +1,15 @@
 """``treeffn export-hf DIR OUT``: the command line of :mod:`treeffn.hf`.
 
-Kept apart from :mod:`treeffn.hf` because importing that module registers the architecture with transformers
-(seconds); the CLI builds every subcommand's parser on each call and imports transformers only when export-hf runs.
+Kept apart from :mod:`treeffn.hf` because importing that module imports transformers and registers the architecture
+with it (seconds); the CLI builds every subcommand's parser on each call, so :mod:`treeffn.hf` is imported only when
+export-hf runs. The dependency goes one way: this module uses :mod:`treeffn.hf`, which knows nothing of it.
 """
 
 from __future__ import annotations
 
+from .checkpoint import resolve
 from .errors import TreeffnError
+from .outputs import check_output_dir
 
 
 def add_arguments(parser) -> None:
@@ -21,11 +24,9 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     """``treeffn export-hf DIR OUT``: export, then reload through AutoModelForCausalLM and compare logits."""
-    from .checkpoint import check_output_dir, resolve
-
     folder = resolve(args.checkpoint)
     check_output_dir(args.out, "hf", overwrite=args.overwrite, inputs=[args.checkpoint, folder])  # before transformers
-    from .hf import check_export, export_hf
+    from .hf import check_export, export_hf  # imports transformers (optional): only once the export runs
 
     out = export_hf(args.checkpoint, args.out, overwrite=args.overwrite)
     print(f"wrote {out} (load with: import treeffn.hf; "

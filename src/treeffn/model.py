@@ -18,9 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Config
+from .config import Config, get_config
 from .errors import DataError, TreeffnError
 from .layers import build_ffn
+from .layers.registry import INIT_STD, residual_std
+from .mod import RoutedBlock
 
 
 @dataclass
@@ -212,29 +214,30 @@ class GPT(nn.Module):
         for i in range(m.n_layer):
             block = Block(cfg)
             if is_routed_layer(cfg, i):
-                from .mod import RoutedBlock
-
                 block = RoutedBlock(cfg, block)
             blocks.append(block)
         self.blocks = nn.ModuleList(blocks)
         self.norm_f = make_norm(cfg)
         self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
-        self.apply(self._init_weights)
+        # Feed-forward variants initialise themselves (treeffn.layers.registry); everything else as GPT-2, with the
+        # attention output projection into the residual stream scaled by 1/sqrt(2 n_layer).
+        ffn_parts = {id(mod) for f in self.ffn_modules() for mod in f.modules()}
+        for mod in self.modules():
+            if id(mod) not in ffn_parts:
+                self._init_weights(mod)
+            if isinstance(mod, Attention):
+                nn.init.normal_(mod.o.weight, 0.0, residual_std(cfg))
         if m.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        # GPT-2: scale the residual output projections by 1/sqrt(2 n_layer)
-        for name, p in self.named_parameters():
-            if name.endswith("attn.o.weight") or name.endswith("fc_out.weight") or name.endswith(".w2.weight"):
-                nn.init.normal_(p, 0.0, 0.02 / (2 * m.n_layer) ** 0.5)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, 0.0, 0.02)
+            nn.init.normal_(module.weight, 0.0, INIT_STD)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, 0.0, 0.02)
+            nn.init.normal_(module.weight, 0.0, INIT_STD)
 
     # ---- accounting ---------------------------------------------------------------------------------------------
     def num_params(self, exclude_embeddings: bool = False) -> int:
@@ -244,7 +247,12 @@ class GPT(nn.Module):
         return n
 
     def ffn_modules(self) -> list[nn.Module]:
-        return [blk.ffn if hasattr(blk, "ffn") else blk.block.ffn for blk in self.blocks]
+        return [blk.ffn for blk in self.blocks]  # a RoutedBlock exposes its inner block's ffn
+
+    def replace_ffn(self, layer: int, module: nn.Module) -> None:
+        """Put ``module`` in place of layer ``layer``'s feed-forward block (inside a Mixture-of-Depths wrapper too)."""
+        blk = self.blocks[layer]
+        (blk.block if isinstance(blk, RoutedBlock) else blk).ffn = module
 
     def ffn_units(self) -> dict:
         """Per-token feed-forward units: total, active (mean over layers) and the active fraction."""
@@ -292,25 +300,36 @@ class GPT(nn.Module):
                 mod.track_stats = on
 
     # ---- forward ------------------------------------------------------------------------------------------------
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None) -> ModelOutput:
-        """idx (B, T) token ids -> :class:`ModelOutput` with logits (B, T, V)."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                pos: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> ModelOutput:
+        """idx (B, T) token ids -> :class:`ModelOutput` with logits (B, T, V).
+
+        Positions default to ``cache.seen + arange(T)`` for every row. Batches of prompts of different lengths pass
+        per-row positions ``pos`` (B, T) and a padding mask ``valid`` (B, T, True = real token): padding rows attend
+        only to themselves and are never attended to.
+        """
         if idx.dim() != 2:
             raise TreeffnError(f"token ids must have shape (batch, time); got {tuple(idx.shape)}")
         B, T = idx.shape
         V, ctx = self.cfg.model.vocab_size, self.cfg.model.seq_len
         start = cache.seen if cache is not None else 0
-        if start + T > ctx:
-            raise TreeffnError(f"sequence of {start + T} tokens exceeds the model's context of {ctx}")
+        # explicit positions (padded batches) say where each row is; otherwise the cache length does
+        last = int(pos.max()) + 1 if pos is not None and pos.numel() else start + T
+        if last > ctx:
+            raise TreeffnError(f"sequence of {last} tokens exceeds the model's context of {ctx}")
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= V):
             bad = int(idx.max()) if int(idx.max()) >= V else int(idx.min())
             raise DataError(f"token id {bad} is out of range for vocabulary size {V}")
-        pos = torch.arange(start, start + T, device=idx.device).expand(B, T)
+        standard = cache is None and valid is None and pos is None  # positions 0..T-1, nothing padded or cached
+        if pos is None:
+            pos = torch.arange(start, start + T, device=idx.device).expand(B, T)
+        elif pos.shape != idx.shape or (valid is not None and valid.shape != idx.shape):
+            raise TreeffnError(f"positions {tuple(pos.shape)} and padding mask must match the token ids {(B, T)}")
         x = self.tok_emb(idx)
-        standard = cache is None
         aux_loss = x.new_zeros((), dtype=torch.float32)
         stats = []
         for i, block in enumerate(self.blocks):
-            x, aux = block(x, pos, cache.layers[i] if cache is not None else None, None, standard)
+            x, aux = block(x, pos, cache.layers[i] if cache is not None else None, valid, standard)
             if "loss" in aux:
                 aux_loss = aux_loss + aux["loss"].float()
             stats.append({k: v for k, v in aux.items() if k != "loss"})
@@ -402,8 +421,6 @@ def is_routed_layer(cfg: Config, i: int) -> bool:
 
 def build_model(preset: str | Config = "tiny", overrides: dict | None = None, device=None) -> GPT:
     """Build a model from a preset name (or a Config) plus dotted overrides, e.g. ``{"ffn.kind": "tree"}``."""
-    from .config import get_config
-
     cfg = preset.copy().apply(overrides) if isinstance(preset, Config) else get_config(preset, overrides)
     if device is not None:
         with torch.device(device):

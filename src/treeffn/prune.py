@@ -36,7 +36,16 @@ from pathlib import Path
 
 import torch
 
+from . import checkpoint as ckpt
+from .analyze import collect_visits, open_split, require_tree_layers
+from .data import resolve_data
+from .device import resolve_device
 from .errors import ConfigError, TreeffnError
+from .evaluate import evaluate_checkpoint
+from .layers.pruned_tree import DEAD_ROUTES
+from .layers.tree import TreeFFN
+from .model import GPT
+from .outputs import check_output_dir, write_json_atomic
 
 DEFAULT_WINDOWS = 64
 
@@ -84,9 +93,6 @@ def _ffn_params(model) -> int:
 
 def build_pruned(model, keeps: list[torch.Tensor], dead_route: str = "sibling"):
     """The pruned twin of ``model``: every tree layer compacted to its kept nodes, everything else copied."""
-    from .layers.tree import TreeFFN
-    from .model import GPT
-
     ffns = model.ffn_modules()
     if not all(isinstance(f, TreeFFN) for f in ffns) or len(keeps) != len(ffns):
         raise TreeffnError("prune needs a model whose every feed-forward block is a tree layer (ffn.kind=tree)")
@@ -111,6 +117,54 @@ def build_pruned(model, keeps: list[torch.Tensor], dead_route: str = "sibling"):
     return new.eval()
 
 
+def _check_arguments(dead_route: str, windows: int, split: str) -> None:
+    if dead_route not in DEAD_ROUTES:
+        raise ConfigError(f"--dead-route must be one of {', '.join(DEAD_ROUTES)} (got '{dead_route}')")
+    if windows < 0:
+        raise ConfigError(f"--windows must be ≥ 0 (0 = the whole split; got {windows})")
+    if split not in ("train", "val"):
+        raise ConfigError(f"--split must be train or val (got '{split}')")
+
+
+def _touched(layers: list, keeps: list[torch.Tensor], leaves: list[torch.Tensor], tokens: int):
+    """Per layer: nodes kept and the fraction of counted tokens whose path met a removed node; and over all layers.
+
+    The removed set is closed under descendants, so a walk touched it iff the leaf it ended in was removed.
+    """
+    touched_any = torch.zeros(tokens, dtype=torch.bool)
+    per_layer = []
+    for (i, f), keep, leaf in zip(layers, keeps, leaves):
+        dead = ~keep
+        hit = dead[torch.arange(f.trees).view(1, -1), leaf].any(1)  # (tokens,)
+        if hit.numel() == touched_any.numel():  # a Mixture-of-Depths routed block sees only some tokens: skip it
+            touched_any |= hit
+        per_layer.append({"layer": i, "nodes": keep.numel(), "kept": int(keep.sum()),
+                          "removed_fraction": float(dead.double().mean()),
+                          "tokens_touched": float(hit.double().mean()) if hit.numel() else 0.0})
+    return per_layer, float(touched_any.double().mean()) if touched_any.numel() else 0.0
+
+
+def _side_files(folder: Path, data_dir: Path, model) -> dict[str, object]:
+    """The source's tokenizer.json and data.json for the pruned checkpoint (a data.json made up when missing)."""
+    extra: dict[str, object] = {}
+    if (folder / "tokenizer.json").is_file():
+        extra["tokenizer.json"] = folder / "tokenizer.json"
+    if (folder / "data.json").is_file():
+        extra["data.json"] = folder / "data.json"
+    else:
+        extra["data.json"] = {"data_dir": str(data_dir), "vocab_size": model.cfg.model.vocab_size}
+    return extra
+
+
+def _loss_change(folder: Path, out: Path, data_dir: Path, windows: int, batch_size: int, dev) -> dict:
+    """Validation loss of the source and the pruned checkpoint on the same windows."""
+    kw = {"windows": windows, "batch_size": batch_size, "device": str(dev), "progress": False}
+    before = evaluate_checkpoint(folder, data_dir, **kw)
+    after = evaluate_checkpoint(out, data_dir, **kw)
+    return {"val_loss_before": before["val_loss"], "val_loss_after": after["val_loss"],
+            "eval_tokens": before["val_tokens_scored"]}
+
+
 def prune(path: str | Path, out: str | Path, min_visits, data: str | Path | None = None,
           windows: int = DEFAULT_WINDOWS, counts: str | Path | None = None, dead_route: str = "sibling",
           split: str = "train", eval_windows: int | None = None, evaluate: bool = True, device: str = "auto",
@@ -120,55 +174,25 @@ def prune(path: str | Path, out: str | Path, min_visits, data: str | Path | None
     Visits are counted on ``split`` (training text by default); the loss before/after is always scored on the
     validation split. An existing ``out`` is replaced only if it is a checkpoint folder and ``overwrite`` (or its
     older name ``force``) is set."""
-    from . import checkpoint as ckpt
-    from .analyze import collect_visits, open_split, require_tree_layers, resolve_data_arg
-    from .layers.pruned_tree import DEAD_ROUTES
-    from .train import resolve_device
-
     min_visits = parse_min_visits(min_visits)
-    if dead_route not in DEAD_ROUTES:
-        raise ConfigError(f"--dead-route must be one of {', '.join(DEAD_ROUTES)} (got '{dead_route}')")
-    if windows < 0:
-        raise ConfigError(f"--windows must be ≥ 0 (0 = the whole split; got {windows})")
-    if split not in ("train", "val"):
-        raise ConfigError(f"--split must be train or val (got '{split}')")
+    _check_arguments(dead_route, windows, split)
     dev = resolve_device(device)
     folder = ckpt.resolve(path)
     data_path = data if data not in (None, "sample", "default") else None
-    out = ckpt.check_output_dir(out, "checkpoint", overwrite=overwrite or force,
-                                inputs=[path, folder, counts, data_path])
+    out = check_output_dir(out, "checkpoint", overwrite=overwrite or force, inputs=[path, folder, counts, data_path])
     model = ckpt.load_model(folder, device=dev)
     layers = require_tree_layers(model, str(path))
-    if model.cfg.ffn.kind != "tree" or len(layers) != len(model.ffn_modules()):
+    if not all(isinstance(f, TreeFFN) for _, f in layers) or len(layers) != len(model.ffn_modules()):
         raise TreeffnError(f"{path} is already pruned (ffn.kind '{model.cfg.ffn.kind}'); prune the original model")
-    data_dir = resolve_data_arg(folder, data)
+    data_dir = resolve_data(data, recorded_in=folder)
     batches = open_split(model, data_dir, split)
     starts = batches.eval_starts(windows)
     col = collect_visits(model, batches, starts, batch_size, dev, keep_leaves=True, progress=progress)
     visits = counts_from_file(counts, layers) if counts is not None else col["counts"]
     keeps = [close_keep(c >= min_visits) for c in visits]
-
-    # which counted tokens met a removed node: the removed set is closed under descendants, so a walk touched it
-    # iff the leaf it ended in was removed
-    touched_any = torch.zeros(col["tokens"], dtype=torch.bool)
-    per_layer = []
-    for (i, f), keep, leaves, c in zip(layers, keeps, col["leaves"], visits):
-        dead = ~keep
-        hit = dead[torch.arange(f.trees).view(1, -1), leaves].any(1)  # (tokens,)
-        if hit.numel() == touched_any.numel():  # a Mixture-of-Depths routed block sees only some tokens: skip it
-            touched_any |= hit
-        per_layer.append({"layer": i, "nodes": keep.numel(), "kept": int(keep.sum()),
-                          "removed_fraction": float(dead.double().mean()),
-                          "tokens_touched": float(hit.double().mean()) if hit.numel() else 0.0})
+    per_layer, touched = _touched(layers, keeps, col["leaves"], col["tokens"])
 
     pruned = build_pruned(model, keeps, dead_route)
-    extra: dict[str, object] = {}
-    if (folder / "tokenizer.json").is_file():
-        extra["tokenizer.json"] = folder / "tokenizer.json"
-    if (folder / "data.json").is_file():
-        extra["data.json"] = folder / "data.json"
-    else:
-        extra["data.json"] = {"data_dir": str(data_dir), "vocab_size": model.cfg.model.vocab_size}
     report = {
         "source": str(folder),
         "out": str(out),
@@ -187,21 +211,15 @@ def prune(path: str | Path, out: str | Path, min_visits, data: str | Path | None
         "params_after": pruned.num_params(),
         "ffn_params_before": _ffn_params(model),
         "ffn_params_after": _ffn_params(pruned),
-        "tokens_touched_removed": float(touched_any.double().mean()) if touched_any.numel() else 0.0,
+        "tokens_touched_removed": touched,
     }
+    extra = _side_files(folder, data_dir, model)
     extra["prune.json"] = report
     ckpt.save_checkpoint_dir(out, pruned, extra)  # temp folder + rename: a killed prune leaves no half checkpoint
     if evaluate:
-        from .evaluate import evaluate_checkpoint
-
         ew = windows if eval_windows is None else eval_windows
-        before = evaluate_checkpoint(folder, data_dir, windows=ew, batch_size=batch_size, device=str(dev),
-                                     progress=False)
-        after = evaluate_checkpoint(out, data_dir, windows=ew, batch_size=batch_size, device=str(dev),
-                                    progress=False)
-        report.update({"val_loss_before": before["val_loss"], "val_loss_after": after["val_loss"],
-                       "eval_tokens": before["val_tokens_scored"]})
-        ckpt.write_json_atomic(out / "prune.json", report)
+        report.update(_loss_change(folder, out, data_dir, ew, batch_size, dev))
+        write_json_atomic(out / "prune.json", report)
     return report
 
 

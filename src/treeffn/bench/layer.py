@@ -8,62 +8,74 @@ Everything runs in one process, on the same random inputs, under ``torch.inferen
 ===============  ===================================================================================================
 name             what it is
 ===============  ===================================================================================================
-tree-cpp         fused C++ kernel (``tree_infer(impl="cpp")``), all trees and levels in one call
-tree-torch       batched PyTorch path walk (``tree_infer(impl="torch")``): gather + bmm per level
-dense-train      dense GELU MLP of equal *training* width: K·2^L = K·(N+1) units, Linear → GELU → Linear (2 GEMMs)
-dense-infer      dense GELU MLP of equal *inference* width: K·L units (what a tree token actually reads)
-moe-top1         16 experts, top-1 softmax router, each expert a GELU MLP of K·L units: the same active units per
-                 token as the tree plus a 16-way router; loop over the experts that receive tokens (the usual
-                 sort/gather MoE without fused kernels)
+tree-cpp         fused C++ kernel (``tree_infer(backend="cpp")``) on the shipped ``TreeFFN``'s weights, all trees and
+                 levels in one call
+tree-torch       batched PyTorch path walk (``tree_infer(backend="torch")``) on the same weights: gather + bmm per level
+dense-train      the shipped ``DenseMLP`` of equal *training* width: K·2^L = K·(N+1) units, Linear → GELU → Linear
+                 (2 GEMMs)
+dense-infer      the shipped ``DenseMLP`` of equal *inference* width: K·L units (what a tree token actually reads)
+moe-top1         the shipped ``MoE``: 16 experts, top-1 softmax router, each expert a GELU MLP of K·L units: the same
+                 active units per token as the tree plus a 16-way router; sort, then a loop over the experts that
+                 receive tokens (the usual MoE without fused kernels); no load-balancing loss
 fff              PyPI ``fastfeedforward`` 0.2.1 ``FFF(D, 1, D, depth)`` in eval mode (its hard-path walk plus a
                  per-token Python loop over leaves), only for K = 1; skipped with a note when not installed
 ===============  ===================================================================================================
 
 Inputs are N(0, 1) tokens, a fresh batch from a pool of 8 for every call, so the routing is diverse (tokens spread
 over the leaves) and no call finds its path's weights hot in cache from the previous call with the same input.
-Each measurement: warm-up calls, then up to ``--repeats`` timed calls (stopping early after ``--budget-s`` seconds
-but never below 3), reporting the median and the minimum in µs per call. ``ratio`` is dense-train time / that time
-(medians; ``ratio(min)`` from the minima, the better estimate when other processes share the cores); ``ideal`` is
-K·N / (K·L) = N / L, the ratio of units read per token. The 1-min load average is recorded at start and end.
+Each measurement (``common.measure``): up to 3 warm-up calls (one if it takes over 0.1 s), then up to ``--repeats``
+timed calls (stopping early after ``--budget-s`` seconds but never below 3), reporting the median and the minimum in
+µs per call. ``ratio`` is dense-train time / that time (medians; ``ratio(min)`` from the minima, the better estimate
+when other processes share the cores); ``ideal`` is K·N / (K·L) = N / L, the ratio of units read per token. The
+1-min load average is recorded at start and end.
 
 The dense layer of equal training width gets K·(N+1) units, K more than the tree's K·N: a power-of-two width
 (4,096 for every default configuration) instead of an odd one such as 4,095, which the CPU GEMM runs up to 1.5x
 slower. The baseline does 0.02–0.8 % more arithmetic and is never handicapped by its shape.
 
-The table is followed by one JSON line (``{"bench": "layer", ...}``) for scripts.
+Every layer is built by ``treeffn.layers.build_ffn`` from a config (``bench/common.py``), as a model would build it.
+The table is followed by one JSON line in the schema of ``bench/common.py``: a row per (configuration, batch,
+implementation), ``case`` {config, K, depth, batch}, ``metrics`` {ratio_vs_dense_train, ratio_min_vs_dense_train,
+ideal}.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import statistics
 import sys
-import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .common import DenseMLP, drop_unbuilt_cpp, loadavg, parse_configs, parse_ints
+from ..kernels.tree_infer import extension, tree_infer
+from .common import (
+    dense_mlp,
+    drop_unbuilt_cpp,
+    env_line,
+    environment,
+    measure,
+    moe,
+    parse_configs,
+    parse_ints,
+    print_json,
+    row,
+    tree_ffn,
+)
 
 MOE_EXPERTS = 16
+MOE_TOP_K = 1
 POOL = 8
-
-
-
+WARMUP, WARMUP_CUTOFF_S, MIN_REPEATS = 3, 0.1, 3
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="treeffn bench layer",
         description="Per-layer inference time of the tree layer (fused C++ kernel and PyTorch path walk) against a "
-                    "dense GELU MLP of equal training width (K·2^L units, the tree's K·N rounded up to a power of two), one of equal inference width (K·L units), "
-                    "a 16-expert top-1 MoE of K·L-unit experts and, for K=1, the PyPI fastfeedforward FFF. "
-                    "Prints a table of µs per call and speed-up over the dense layer of equal training width, then "
-                    "one JSON line.",
+                    "dense GELU MLP of equal training width (K·2^L units, the tree's K·N rounded up to a power of "
+                    "two), one of equal inference width (K·L units), a 16-expert top-1 MoE of K·L-unit experts "
+                    "(the shipped layers) and, for K=1, the PyPI fastfeedforward FFF. Prints a table of µs per "
+                    "call and speed-up over the dense layer of equal training width, then one JSON line.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--configs", type=parse_configs, default="1x11,16x7,32x6",
                    help="comma-separated KxDEPTH tree configurations (K trees of the given depth, 1 unit per node)")
@@ -73,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop timing a measurement after this many seconds (at least 3 calls are always timed)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
                    help="weights and activations; bf16 kernels accumulate in fp32 (fff always runs fp32)")
-    p.add_argument("--d-model", type=int, default=768, help="model width D")
+    p.add_argument("--d-model", type=int, default=768, help="model width D (even)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: keep the current setting)")
     p.add_argument("--impls", default="tree-cpp,tree-torch,dense-train,dense-infer,moe-top1,fff",
                    help="comma-separated subset of implementations to time")
@@ -82,78 +94,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class MoETop1(nn.Module):
-    """E experts (GELU MLPs of ``hidden`` units), top-1 softmax router, output scaled by the router probability.
-
-    Tokens are sorted by expert and each expert that receives tokens runs on its slice: the plain PyTorch MoE
-    without fused kernels (one router GEMM, a sort, then 2 small GEMMs per active expert).
-    """
-
-    def __init__(self, d: int, hidden: int, experts: int):
-        super().__init__()
-        self.router = nn.Linear(d, experts, bias=False)
-        a = d ** -0.5
-        self.w1 = nn.Parameter(torch.empty(experts, d, hidden).uniform_(-a, a))
-        self.b1 = nn.Parameter(torch.zeros(experts, hidden))
-        self.w2 = nn.Parameter(torch.empty(experts, hidden, d).uniform_(-hidden ** -0.5, hidden ** -0.5))
-
-    def forward(self, x):  # x (M, D)
-        prob = self.router(x).softmax(-1)
-        gate, expert = prob.max(-1)  # (M,), (M,)
-        if x.shape[0] == 1:  # batch 1: no sort, one expert
-            e = int(expert)
-            return (F.gelu(x @ self.w1[e] + self.b1[e]) @ self.w2[e]) * gate.unsqueeze(-1)
-        order = torch.argsort(expert)
-        counts = torch.bincount(expert, minlength=self.w1.shape[0]).tolist()
-        xs = x.index_select(0, order)
-        ys = torch.empty_like(xs)
-        start = 0
-        for e, c in enumerate(counts):
-            if c:
-                ys[start:start + c] = F.gelu(xs[start:start + c] @ self.w1[e] + self.b1[e]) @ self.w2[e]
-                start += c
-        y = torch.empty_like(x)
-        y.index_copy_(0, order, ys)
-        return y * gate.unsqueeze(-1)
+def build_layers(d_model: int, trees: int, depth: int, impls: list[str], dtype=torch.float32) -> dict[str, nn.Module]:
+    """The shipped layers of one configuration, in eval mode: ``"tree"`` (whose weights the tree kernels run on)
+    and each baseline of ``impls`` among dense-train, dense-infer and moe-top1."""
+    L, N = depth + 1, 2 ** (depth + 1) - 1
+    layers = {"tree": tree_ffn(d_model, trees, depth)}
+    if "dense-train" in impls:
+        layers["dense-train"] = dense_mlp(d_model, trees * (N + 1))  # a power-of-two width: see the docstring
+    if "dense-infer" in impls:
+        layers["dense-infer"] = dense_mlp(d_model, trees * L)
+    if "moe-top1" in impls:
+        layers["moe-top1"] = moe(d_model, MOE_EXPERTS, MOE_TOP_K, trees * L)
+    return {name: m.to(dtype).eval() for name, m in layers.items()}
 
 
-def _time(fn, inputs: list[torch.Tensor], repeats: int, budget_s: float) -> tuple[float, float]:
-    """(median, min) µs per call of fn(x), cycling through the input pool."""
-    for i in range(3):  # warm-up: first-call allocations, lazy init, caches (one call is enough for slow ones)
-        t0 = time.perf_counter()
-        fn(inputs[i % len(inputs)])
-        if time.perf_counter() - t0 > 0.1:
-            break
-    times = []
-    t_end = time.perf_counter() + budget_s
-    for i in range(max(3, repeats)):
-        x = inputs[i % len(inputs)]
-        t0 = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - t0)
-        if i >= 2 and time.perf_counter() > t_end:
-            break
-    return statistics.median(times) * 1e6, min(times) * 1e6
-
-
-def _versions() -> dict:
-    info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
-            "machine": platform.machine(), "cpu_count": os.cpu_count()}
+def _fff_version() -> str | None:
     try:
         import fastfeedforward  # noqa: F401
         from importlib.metadata import version
 
-        info["fastfeedforward"] = version("fastfeedforward")
+        return version("fastfeedforward")
     except Exception:  # noqa: BLE001 - optional package
-        info["fastfeedforward"] = None
-    return info
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from ..kernels.tree_infer import extension, tree_infer
-    from ..layers.tree import TreeFFN
-
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     impls = [s.strip() for s in args.impls.split(",") if s.strip()]
@@ -173,12 +139,18 @@ def main(argv: list[str] | None = None) -> int:
                 impls.remove("fff")
                 notes.append("fff skipped: `pip install --no-deps fastfeedforward==0.2.1` to include it")
 
-    info = _versions()
-    print(f"treeffn bench layer: D={D} dtype={args.dtype} threads={info['threads']} torch={info['torch']} "
-          f"cpu_count={info['cpu_count']} fastfeedforward={info['fastfeedforward']}")
+    env = environment()
+    settings = {"configs": [f"{k}x{d}" for k, d in args.configs], "batches": args.batches, "d_model": D,
+                "dtype": args.dtype, "impls": impls, "node_width": 1, "activation": "gelu", "placement": "node",
+                "baseline": "dense-train", "dense_train_units": "K*2^L", "dense_infer_units": "K*L",
+                "moe": {"experts": MOE_EXPERTS, "top_k": MOE_TOP_K, "expert_units": "K*L", "aux_weight": 0.0},
+                "fastfeedforward": _fff_version(), "input_pool": POOL, "warmup": WARMUP,
+                "warmup_cutoff_s": WARMUP_CUTOFF_S, "repeats": args.repeats, "min_repeats": MIN_REPEATS,
+                "budget_s": args.budget_s, "seed": args.seed}
+    print(f"treeffn bench layer: D={D} dtype={args.dtype}; {env_line(env)}; "
+          f"fastfeedforward={settings['fastfeedforward']}")
     print("µs per call: median and min over the timed calls; ratio = dense-train µs / impl µs (median, and min/min);"
           " ideal = K·N/(K·L) units read per token")
-    load0 = loadavg()
     results = []
     gen = torch.Generator().manual_seed(args.seed)
     header = (f"{'config':>7} {'batch':>6} {'impl':>12} {'µs median':>12} {'µs min':>12} {'ratio':>9} "
@@ -190,54 +162,40 @@ def main(argv: list[str] | None = None) -> int:
         L = depth + 1
         N = 2 ** L - 1
         ideal = N / L
-        tree = TreeFFN(D, K, depth).to(dtype).eval()
+        layers = build_layers(D, K, depth, impls, dtype)
+        tree = layers.pop("tree")
         w_in, b_in, w_out = tree.w_in.detach(), tree.b_in.detach(), tree.w_out.detach()
-        models = {}
-        if "dense-train" in impls:
-            models["dense-train"] = DenseMLP(D, K * (N + 1)).to(dtype).eval()  # see the docstring
-        if "dense-infer" in impls:
-            models["dense-infer"] = DenseMLP(D, K * L).to(dtype).eval()
-        if "moe-top1" in impls:
-            models["moe-top1"] = MoETop1(D, K * L, MOE_EXPERTS).to(dtype).eval()
-        fff = None
+        fns = {
+            "tree-cpp": lambda x: tree_infer(x, w_in, b_in, w_out, depth, "gelu", "node", backend="cpp"),
+            "tree-torch": lambda x: tree_infer(x, w_in, b_in, w_out, depth, "gelu", "node", backend="torch"),
+            **layers,
+        }
         if "fff" in impls and K == 1 and depth >= 1:
             fff = FFF(D, 1, D, depth).eval()  # fp32 only: it allocates its output as float
-        fns = {
-            "tree-cpp": lambda x: tree_infer(x, w_in, b_in, w_out, depth, "gelu", "node", impl="cpp"),
-            "tree-torch": lambda x: tree_infer(x, w_in, b_in, w_out, depth, "gelu", "node", impl="torch"),
-            **{name: m for name, m in models.items()},
-        }
-        if fff is not None:
             fns["fff"] = lambda x, f=fff: f(x.float())
         for M in args.batches:
             inputs = [torch.randn(M, D, generator=gen).to(dtype) for _ in range(POOL)]
-            row = {}
+            timings = {}
             with torch.inference_mode():
                 for name in impls:
-                    if name not in fns:
-                        continue
-                    row[name] = _time(fns[name], inputs, args.repeats, args.budget_s)
-            base, base_min = row.get("dense-train", (None, None))
-            for name, (us, us_min) in row.items():
-                ratio = base / us if base else float("nan")
-                ratio_min = base_min / us_min if base_min else float("nan")
-                print(f"{K}x{depth:<5} {M:>6} {name:>12} {us:>12.1f} {us_min:>12.1f} {ratio:>8.1f}x "
-                      f"{ratio_min:>9.1f}x {ideal:>6.0f}x")
-                results.append({"config": f"{K}x{depth}", "K": K, "depth": depth, "batch": M, "impl": name,
-                                "us": round(us, 2), "us_min": round(us_min, 2),
-                                "ratio_vs_dense_train": round(ratio, 2) if base else None,
-                                "ratio_min_vs_dense_train": round(ratio_min, 2) if base_min else None,
-                                "ideal": round(ideal, 2)})
+                    if name in fns:
+                        timings[name] = measure(fns[name], inputs, warmup=WARMUP, warmup_cutoff_s=WARMUP_CUTOFF_S,
+                                                repeats=args.repeats, min_repeats=MIN_REPEATS,
+                                                budget_s=args.budget_s)
+            base = timings.get("dense-train")
+            for name, t in timings.items():
+                us, us_min = t.median * 1e6, t.min * 1e6
+                ratio = base.median / t.median if base else None
+                ratio_min = base.min / t.min if base else None
+                print(f"{K}x{depth:<5} {M:>6} {name:>12} {us:>12.1f} {us_min:>12.1f} "
+                      f"{f'{ratio:.1f}x' if ratio else '-':>9} {f'{ratio_min:.1f}x' if ratio_min else '-':>10} "
+                      f"{ideal:>6.0f}x")
+                results.append(row({"config": f"{K}x{depth}", "K": K, "depth": depth, "batch": M}, name, t,
+                                   ratio_vs_dense_train=ratio,
+                                   ratio_min_vs_dense_train=ratio_min,
+                                   ideal=ideal))
             print()
-    for n in notes:
-        print("note:", n)
-    load1 = loadavg()
-    if load0 is not None and max(load0, load1) > 0.5 * (info["cpu_count"] or 1):
-        print(f"note: 1-min load average {load0:.1f} at start, {load1:.1f} at end on {info['cpu_count']} CPUs: other "
-              "processes competed for the cores; medians of multi-threaded calls suffer most (min is closer to an "
-              "idle machine)")
-    print(json.dumps({"bench": "layer", "d_model": D, "dtype": args.dtype, "moe_experts": MOE_EXPERTS, **info,
-                      "loadavg_start": load0, "loadavg_end": load1, "notes": notes, "results": results}))
+    print_json("layer", env, settings, results, notes=notes)
     return 0
 
 

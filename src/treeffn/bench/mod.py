@@ -4,7 +4,8 @@ Raposo et al., "Mixture-of-Depths", arXiv 2404.02258 (2024): with every other bl
 linear FLOPs of the blocks fall to ≈ (1 + c)/2, and sampling steps get faster because a token the causal router
 skips does no work at that block (and adds nothing to its KV cache).
 
-Measured in one process, same preset, same seed, warm-up then repeats (median):
+Measured in one process, same preset, same seed, with ``common.measure``: warm-up then repeats, the two models
+interleaved (median):
 
 * training step: forward + backward + AdamW step on random tokens (batch ``--batch`` × ``--seq-len``);
 * decoding: cached decoding of ``--new`` tokens after a ``--prompt``-token random prompt, at each batch size of
@@ -25,7 +26,8 @@ Two honest adjustments are needed because both models are untrained (training th
 
 The fraction actually routed while decoding (decode steps only, prefill excluded) is measured in a separate untimed
 run and printed beside the speed, and the analytic FLOPs ratio beside the training time. A table, then one JSON
-line, go to stdout.
+line in the schema of ``bench/common.py``, go to stdout: rows ``case`` {phase train, batch, seq_len} or {phase
+decode, batch, prompt, new}, ``impl`` baseline | mod; the targets and router agreement in ``summary``.
 
 What bounds the result: MoD does not touch the embedding and output head, so the speed-up cannot exceed
 1 / (analytic FLOPs ratio) where compute- or weight-bandwidth-bound — for ``tiny`` (vocabulary 8192, 4 layers
@@ -39,13 +41,13 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import time
 
 import torch
 
 from ..config import get_config, parse_overrides
+from ..mod import RoutedBlock
 from ..model import GPT, KVCache, build_model, sample_next
-from .common import print_json
+from .common import env_line, environment, measure, print_json, row
 
 TARGET_DECODE_SPEEDUP = 1.4
 TARGET_TRAIN_RATIO = 0.7
@@ -75,24 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _interleaved(fns: dict, warmup: int, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each function, runs interleaved (a, b, a, b, …) so that load from other
-    processes on a shared machine hits both sides alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(max(1, repeats)):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def _routed_blocks(model: GPT) -> list:
-    from ..mod import RoutedBlock
-
     return [b for b in model.blocks if isinstance(b, RoutedBlock)]
 
 
@@ -193,6 +178,44 @@ def main(argv=None) -> int:
         torch.set_num_threads(threads)  # leave the caller's process as it was (the smoke test runs in pytest)
 
 
+def _time_decoding(args, base: GPT, mod: GPT, vocab: int, g: torch.Generator, decode_batches: list[int]) -> list:
+    """Decoding tokens/s of both models at each batch size (interleaved), with the fraction MoD routed."""
+    decode_rows = []
+    for B in decode_batches:
+        prompt = torch.randint(0, vocab, (B, args.prompt), generator=g)
+        stream = torch.randint(0, vocab, (B, args.new), generator=g) if args.tokens == "stream" else None
+        rec = {"batch": B}
+        base.eval()
+        mod.eval()
+        t = measure({"baseline": lambda: decode(base, prompt, args.new, stream),
+                     "mod": lambda: decode(mod, prompt, args.new, stream)}, warmup=args.warmup, repeats=args.repeats)
+        for name in ("baseline", "mod"):
+            rec[f"{name}_tok_s"] = B * args.new / t[name].median
+        rec["speedup"] = rec["mod_tok_s"] / rec["baseline_tok_s"]
+        rec["routed_frac"] = decode_routed_fraction(mod, prompt, args.new, stream)
+        rec["timing"] = t
+        decode_rows.append(rec)
+    return decode_rows
+
+
+def _time_training(args, base: GPT, mod: GPT, vocab: int, seq: int, g: torch.Generator) -> dict:
+    """One AdamW step of each model (interleaved) on the same random batch; the MoD model is a copy."""
+    idx = torch.randint(0, vocab, (args.batch, seq + 1), generator=g)
+    x, y = idx[:, :-1], idx[:, 1:]
+    steps = {}
+    for name, m in (("baseline", base), ("mod", copy.deepcopy(mod))):
+        m.train()
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+
+        def step(m=m, opt=opt):
+            opt.zero_grad(set_to_none=True)
+            m(x, targets=y).loss.backward()
+            opt.step()
+
+        steps[name] = step
+    return measure(steps, warmup=max(1, args.warmup), repeats=args.repeats)
+
+
 def _run(args) -> int:
     overrides = parse_overrides(args.set)
     base_cfg = get_config(args.preset, overrides)
@@ -207,46 +230,21 @@ def _run(args) -> int:
     torch.manual_seed(args.seed)
     mod = build_model(mod_cfg)
     flops = {name: m.flops_per_token(seq)["total"] for name, m in (("baseline", base), ("mod", mod))}
-    print(f"bench mod: {mod_cfg.describe()}  (baseline without MoD); threads {torch.get_num_threads()}")
+    env = environment()
+    print(f"bench mod: {mod_cfg.describe()}  (baseline without MoD); {env_line(env)}")
 
-    # ---- decoding -------------------------------------------------------------------------------------------------
     g = torch.Generator().manual_seed(args.seed + 1)
     calib = torch.randint(0, base_cfg.model.vocab_size, (4, seq), generator=g)
     agree = calibrate_routers(mod, calib, args.router_steps)
-    decode_rows = []
-    for B in decode_batches:
-        prompt = torch.randint(0, base_cfg.model.vocab_size, (B, args.prompt), generator=g)
-        stream = (torch.randint(0, base_cfg.model.vocab_size, (B, args.new), generator=g)
-                  if args.tokens == "stream" else None)
-        row = {"batch": B}
-        base.eval()
-        mod.eval()
-        t = _interleaved({"baseline": lambda: decode(base, prompt, args.new, stream),
-                          "mod": lambda: decode(mod, prompt, args.new, stream)}, args.warmup, args.repeats)
-        for name in ("baseline", "mod"):
-            row[f"{name}_tok_s"] = B * args.new / t[name]
-        row["speedup"] = row["mod_tok_s"] / row["baseline_tok_s"]
-        row["routed_frac"] = decode_routed_fraction(mod, prompt, args.new, stream)
-        decode_rows.append(row)
+    decode_rows = _time_decoding(args, base, mod, base_cfg.model.vocab_size, g, decode_batches)
+    train_t = _time_training(args, base, mod, base_cfg.model.vocab_size, seq, g)
+    _report(args, env, overrides, mod_cfg, seq, decode_batches, flops, agree, decode_rows, train_t)
+    return 0
 
-    # ---- training step --------------------------------------------------------------------------------------------
-    idx = torch.randint(0, base_cfg.model.vocab_size, (args.batch, seq + 1), generator=g)
-    x, y = idx[:, :-1], idx[:, 1:]
-    steps = {}
-    for name, m in (("baseline", base), ("mod", copy.deepcopy(mod))):
-        m.train()
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
 
-        def step(m=m, opt=opt):
-            opt.zero_grad(set_to_none=True)
-            m(x, targets=y).loss.backward()
-            opt.step()
-
-        steps[name] = step
-    train_s = _interleaved(steps, max(1, args.warmup), args.repeats)
+def _report(args, env, overrides, mod_cfg, seq, decode_batches, flops, agree, decode_rows, train_t) -> None:
+    train_s = {name: t.median for name, t in train_t.items()}
     train_ratio = train_s["mod"] / train_s["baseline"]
-
-    # ---- report ---------------------------------------------------------------------------------------------------
     print(f"router calibration: {args.router_steps} steps (causal={args.causal}); causal rule vs top-C agreement "
           f"per routed block {', '.join(f'{a:.3f}' for a in agree)}; decode tokens: {args.tokens}")
     print(f"{'metric':<34}{'baseline':>12}{'MoD':>12}{'MoD/base':>10}")
@@ -254,22 +252,32 @@ def _run(args) -> int:
           f"{flops['mod'] / flops['baseline']:>10.3f}")
     print(f"{f'train step ms (B={args.batch}, T={seq})':<34}{1e3 * train_s['baseline']:>12.1f}"
           f"{1e3 * train_s['mod']:>12.1f}{train_ratio:>10.3f}")
-    for row in decode_rows:
-        label = f"decode tok/s (B={row['batch']}, routed {row['routed_frac']:.3f})"
-        print(f"{label:<34}{row['baseline_tok_s']:>12.1f}{row['mod_tok_s']:>12.1f}{row['speedup']:>10.3f}")
+    for r in decode_rows:
+        label = f"decode tok/s (B={r['batch']}, routed {r['routed_frac']:.3f})"
+        print(f"{label:<34}{r['baseline_tok_s']:>12.1f}{r['mod_tok_s']:>12.1f}{r['speedup']:>10.3f}")
     met_decode = all(r["speedup"] >= TARGET_DECODE_SPEEDUP for r in decode_rows)
     met_train = train_ratio <= TARGET_TRAIN_RATIO
     print(f"targets: decode ≥ {TARGET_DECODE_SPEEDUP}x {'met' if met_decode else 'NOT met'}; "
           f"train step ≤ {TARGET_TRAIN_RATIO}x {'met' if met_train else 'NOT met'}")
-    print_json("mod", {"train": {"batch": args.batch, "seq_len": seq, "baseline_s": train_s["baseline"],
-                                 "mod_s": train_s["mod"], "ratio": train_ratio},
-                       "decode": [dict(r, prompt=args.prompt, new=args.new) for r in decode_rows]},
-               preset=args.preset, config=mod_cfg.describe(), every=args.every, capacity=args.capacity,
-               causal=args.causal, router_steps=args.router_steps, router_agreement=agree, tokens=args.tokens,
-               flops_ratio=flops["mod"] / flops["baseline"],
-               targets={"decode_speedup": TARGET_DECODE_SPEEDUP, "train_ratio": TARGET_TRAIN_RATIO,
-                        "decode_met": met_decode, "train_met": met_train})
-    return 0
+    results = [row({"phase": "train", "batch": args.batch, "seq_len": seq}, name, train_t[name],
+                   time_ratio_vs_baseline=train_s[name] / train_s["baseline"], flops_per_token=flops[name])
+               for name in ("baseline", "mod")]
+    for r in decode_rows:
+        case = {"phase": "decode", "batch": r["batch"], "prompt": args.prompt, "new": args.new}
+        results.append(row(case, "baseline", r["timing"]["baseline"], tok_s=r["baseline_tok_s"],
+                           speedup_vs_baseline=1.0))
+        results.append(row(case, "mod", r["timing"]["mod"], tok_s=r["mod_tok_s"], speedup_vs_baseline=r["speedup"],
+                           routed_frac=r["routed_frac"]))
+    settings = {"preset": args.preset, "overrides": overrides, "config": mod_cfg.describe(), "every": args.every,
+                "capacity": args.capacity, "causal": args.causal, "batch": args.batch, "seq_len": seq,
+                "prompt": args.prompt, "new": args.new, "decode_batches": decode_batches, "tokens": args.tokens,
+                "router_steps": args.router_steps, "baseline": "baseline", "warmup": args.warmup,
+                "repeats": args.repeats, "interleaved": True, "seed": args.seed}
+    summary = {"train_ratio": train_ratio, "flops_ratio": flops["mod"] / flops["baseline"],
+               "router_agreement": agree,
+               "targets": {"decode_speedup": TARGET_DECODE_SPEEDUP, "train_ratio": TARGET_TRAIN_RATIO,
+                           "decode_met": met_decode, "train_met": met_train}}
+    print_json("mod", env, settings, results, summary=summary)
 
 
 if __name__ == "__main__":

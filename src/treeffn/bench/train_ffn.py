@@ -11,16 +11,18 @@ units, 12–224 of them visited per token).
 ===========  ==========================================================================================================
 name         what it times (one call = forward, then backward of a random upstream gradient; x requires grad)
 ===========  ==========================================================================================================
-dense        Linear(D, K·2^L) → GELU → Linear(K·2^L, D): the dense MLP of equal *training* width (6 GEMMs per call)
-tree-cpp     ``tree_train(impl="cpp")``: fused C++ forward and backward over the visited nodes only
-tree-torch   ``tree_train(impl="torch")``: the device-agnostic PyTorch path (gather, batched dots, index_add_)
+dense        the shipped ``DenseMLP``, Linear(D, K·2^L) → GELU → Linear(K·2^L, D): the dense MLP of equal *training*
+             width (6 GEMMs per call)
+tree-cpp     ``tree_train(backend="cpp")``: fused C++ forward and backward over the visited nodes only
+tree-torch   ``tree_train(backend="torch")``: the device-agnostic PyTorch path (gather, batched dots, index_add_)
 reference    ``tree_reference``: the masked dense simulation (computes all K·N nodes, zeroes the unvisited ones)
 ===========  ==========================================================================================================
 
 Everything runs in one process on the same random inputs (fresh N(0, 1) tokens from a pool of 2, so routing is
-diverse), weights initialised as ``TreeFFN`` does. Each measurement: ``--warmup`` untimed calls, then up to
-``--repeats`` timed calls, stopping early once ``--budget-s`` seconds are spent (at least one timed call; a call
-whose warm-up alone exceeds the budget is timed once, its warm-up counted as the sample, and marked ``*``).
+diverse), on the weights of the shipped ``TreeFFN`` (``build_ffn``; UFB-23 initialisation, no routing thresholds).
+Each measurement (``common.measure``): ``--warmup`` untimed calls, then up to ``--repeats`` timed calls, stopping
+early once ``--budget-s`` seconds are spent (at least one timed call; a call whose warm-up alone exceeds the budget
+is timed once, its warm-up counted as the sample, and marked ``*``).
 Times are medians in ms. ``speedup`` = dense ms / ms (same dtype); for bf16 rows ``vs fp32`` = fp32 dense ms / ms,
 because bf16 GEMMs on CPUs without native bf16 instructions are several times slower than fp32 ones.
 
@@ -28,24 +30,34 @@ The dense MLP gets K·2^L = K·(N+1) units, K more than the tree's K·N: a power
 default configuration) instead of an odd one such as 4,095, which the CPU GEMM runs up to 1.5x slower, so the
 baseline is never handicapped by its shape.
 
-The table is followed by one JSON line (``{"bench": "train-ffn", ...}``) with every result, the torch version,
-thread count and shapes.
+The table is followed by one JSON line in the schema of ``bench/common.py``: a row per (D, dtype, configuration,
+implementation), ``case`` {d_model, dtype, config, K, depth, W, tokens}, ``metrics`` {fwd_s (median forward part),
+units_total, units_visited, speedup_vs_dense, speedup_vs_dense_fp32}.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import statistics
 import sys
 import time
 
 import torch
 from torch import nn
 
-from .common import DenseMLP, drop_unbuilt_cpp, loadavg, parse_configs, parse_ints
+from ..kernels.tree_train import extension, tree_train
+from ..ops.tree import tree_reference
+from .common import (
+    dense_mlp,
+    drop_unbuilt_cpp,
+    env_line,
+    environment,
+    measure,
+    parse_configs,
+    parse_ints,
+    print_json,
+    row,
+    tree_ffn,
+)
 
 POOL = 2
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -97,34 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _time(step, inputs, warmup: int, repeats: int, budget_s: float) -> dict:
-    """Run step(x) -> forward seconds; return medians of forward and total ms, and the sample count."""
-    first = None
-    for i in range(max(0, warmup)):
-        t0 = time.perf_counter()
-        fwd = step(inputs[i % len(inputs)])
-        first = (fwd, time.perf_counter() - t0)
-    if first is not None and first[1] > budget_s:  # too slow to repeat: the warm-up is the (marked) sample
-        return {"fwd_ms": first[0] * 1e3, "ms": first[1] * 1e3, "samples": 1, "warmup_as_sample": True}
-    fwds, tots = [], []
-    t_end = time.perf_counter() + budget_s
-    for i in range(max(1, repeats)):
-        x = inputs[i % len(inputs)]
-        t0 = time.perf_counter()
-        fwd = step(x)
-        tots.append(time.perf_counter() - t0)
-        fwds.append(fwd)
-        if time.perf_counter() > t_end:
-            break
-    return {"fwd_ms": statistics.median(fwds) * 1e3, "ms": statistics.median(tots) * 1e3, "samples": len(tots),
-            "warmup_as_sample": False}
+def build_layers(d_model: int, trees: int, depth: int, placement: str, with_dense: bool) -> dict[str, nn.Module]:
+    """The shipped layers of one configuration: ``"tree"`` (whose weights the tree kernels train) and, when asked,
+    ``"dense"``, the dense MLP of K·2^L units (a power-of-two width: see the docstring)."""
+    layers = {"tree": tree_ffn(d_model, trees, depth, placement=placement)}
+    if with_dense:
+        layers["dense"] = dense_mlp(d_model, trees * 2 ** (depth + 1))
+    return layers
 
 
 def _make_step(name, params, depth, placement, dy, dense):
     """A closure: forward + backward of one implementation; returns the forward's seconds."""
-    from ..kernels.tree_train import tree_train
-    from ..layers.tree import tree_reference
-
     w_in, b_in, w_out = params
 
     def clear(x):
@@ -134,12 +129,12 @@ def _make_step(name, params, depth, placement, dy, dense):
 
     if name == "dense":
         def fwd(x):
-            return dense(x)
+            return dense(x)[0]
     elif name in ("tree-cpp", "tree-torch"):
         impl = name.split("-")[1]
 
         def fwd(x):
-            return tree_train(x, w_in, b_in, w_out, depth, "gelu", placement, impl=impl)[0]
+            return tree_train(x, w_in, b_in, w_out, depth, "gelu", placement, backend=impl)[0]
     else:
         def fwd(x):
             return tree_reference(x, w_in, b_in, w_out, depth, "gelu", placement)
@@ -155,18 +150,8 @@ def _make_step(name, params, depth, placement, dy, dense):
     return step
 
 
-def _info() -> dict:
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
-            "machine": platform.machine(), "cpu_count": os.cpu_count(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "loadavg_1m_at_start": loadavg()}
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from ..kernels.tree_train import extension
-    from ..layers.tree import TreeFFN
-
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if args.tokens < 1:
@@ -174,11 +159,14 @@ def main(argv: list[str] | None = None) -> int:
     impls = [i for i in IMPLS if i in args.impls and not (i == "reference" and args.skip_reference)]
     notes = []
     drop_unbuilt_cpp(impls, extension, notes)
-    info = _info()
+    env = environment()
     M = args.tokens
-    print(f"treeffn bench train-ffn: M={M} tokens, W=1, placement={args.placement}, threads={info['threads']}, "
-          f"torch={info['torch']}, cpu_count={info['cpu_count']}, capability={info['cpu_capability']}, "
-          f"load average at start={info['loadavg_1m_at_start']}")
+    settings = {"tokens": M, "d_model": args.d_model, "dtypes": args.dtypes,
+                "configs": [f"{k}x{d}" for k, d in args.configs], "impls": impls, "placement": args.placement,
+                "activation": "gelu", "node_width": 1, "baseline": "dense", "dense_units": "K*2^L",
+                "skip_bf16_baselines": args.skip_bf16_baselines, "input_pool": POOL, "warmup": args.warmup,
+                "repeats": args.repeats, "min_repeats": 1, "budget_s": args.budget_s, "seed": args.seed}
+    print(f"treeffn bench train-ffn: M={M} tokens, W=1, placement={args.placement}; {env_line(env)}")
     print("ms per forward+backward (median; fwd = forward part); speedup = dense ms / ms (same dtype); "
           "vs fp32 = fp32 dense ms / ms; * = single slow call")
     header = (f"{'D':>4} {'dtype':>5} {'config':>6} {'units':>11} {'impl':>10} {'fwd ms':>9} {'ms':>10} "
@@ -186,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print("-" * len(header))
     results = []
-    dense_fp32 = {}  # (D, config) -> fp32 dense ms, for the bf16 rows' second ratio
+    dense_fp32 = {}  # (D, config) -> fp32 dense seconds, for the bf16 rows' second ratio
     gen = torch.Generator().manual_seed(args.seed)
     for D in args.d_model:
         for dname in args.dtypes:
@@ -194,43 +182,39 @@ def main(argv: list[str] | None = None) -> int:
             for K, depth in args.configs:
                 torch.manual_seed(args.seed)
                 L, N = depth + 1, 2 ** (depth + 1) - 1
-                tree = TreeFFN(D, K, depth, placement=args.placement).to(dtype)
-                params = (tree.w_in, tree.b_in, tree.w_out)
                 here = [i for i in impls
                         if not (dname == "bf16" and args.skip_bf16_baselines and i in ("dense", "reference"))]
-                dense = DenseMLP(D, K * (N + 1)).to(dtype) if "dense" in here else nn.Identity()  # see the docstring
+                layers = {k: m.to(dtype) for k, m in
+                          build_layers(D, K, depth, args.placement, with_dense="dense" in here).items()}
+                tree, dense = layers["tree"], layers.get("dense", nn.Identity())
+                params = (tree.w_in, tree.b_in, tree.w_out)
                 inputs = [torch.randn(M, D, generator=gen).to(dtype).requires_grad_() for _ in range(POOL)]
                 dy = torch.randn(M, D, generator=gen).to(dtype)
-                row = {}
+                timings = {}
                 for name in here:
                     step = _make_step(name, params, depth, args.placement, dy, dense)
-                    row[name] = _time(step, inputs, args.warmup, args.repeats, args.budget_s)
+                    timings[name] = measure(step, inputs, warmup=args.warmup, repeats=args.repeats,
+                                            budget_s=args.budget_s, slow_sample=True)
                 cfg = f"{K}x{depth}"
-                base = row.get("dense", {}).get("ms")
+                base = timings["dense"].median if "dense" in timings else None
                 if dname == "fp32" and base:
                     dense_fp32[(D, cfg)] = base
                 base32 = dense_fp32.get((D, cfg))
-                for name, r in row.items():
-                    speedup = base / r["ms"] if base else None
-                    vs32 = base32 / r["ms"] if (base32 and dname != "fp32") else None
-                    mark = "*" if r["warmup_as_sample"] else " "
-                    print(f"{D:>4} {dname:>5} {cfg:>6} {f'{K * L}/{K * N}':>11} {name:>10} {r['fwd_ms']:>9.1f} "
-                          f"{r['ms']:>9.1f}{mark} {r['samples']:>2} "
+                for name, t in timings.items():
+                    speedup = base / t.median if base else None
+                    vs32 = base32 / t.median if (base32 and dname != "fp32") else None
+                    mark = "*" if t.warmup_as_sample else " "
+                    print(f"{D:>4} {dname:>5} {cfg:>6} {f'{K * L}/{K * N}':>11} {name:>10} "
+                          f"{t.part_median * 1e3:>9.1f} {t.median * 1e3:>9.1f}{mark} {t.n:>2} "
                           f"{f'{speedup:.2f}x' if speedup else '-':>8} {f'{vs32:.2f}x' if vs32 else '-':>8}",
                           flush=True)
-                    results.append({"d_model": D, "dtype": dname, "config": cfg, "K": K, "depth": depth, "W": 1,
-                                    "tokens": M, "units_total": K * N, "units_visited": K * L, "impl": name,
-                                    "fwd_ms": round(r["fwd_ms"], 3), "ms": round(r["ms"], 3),
-                                    "samples": r["samples"], "warmup_as_sample": r["warmup_as_sample"],
-                                    "speedup_vs_dense": round(speedup, 3) if speedup else None,
-                                    "speedup_vs_dense_fp32": round(vs32, 3) if vs32 else None})
+                    results.append(row({"d_model": D, "dtype": dname, "config": cfg, "K": K, "depth": depth, "W": 1,
+                                        "tokens": M}, name, t,
+                                       fwd_s=t.part_median, units_total=K * N, units_visited=K * L,
+                                       speedup_vs_dense=speedup,
+                                       speedup_vs_dense_fp32=vs32))
                 print()
-    for n in notes:
-        print("note:", n)
-    print(json.dumps({"bench": "train-ffn", **info, "tokens": M, "d_model": args.d_model, "dtypes": args.dtypes,
-                      "configs": [f"{k}x{d}" for k, d in args.configs], "placement": args.placement,
-                      "activation": "gelu", "node_width": 1, "warmup": args.warmup, "repeats": args.repeats,
-                      "budget_s": args.budget_s, "notes": notes, "results": results}))
+    print_json("train-ffn", env, settings, results, notes=notes)
     return 0
 
 

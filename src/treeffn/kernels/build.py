@@ -22,6 +22,8 @@ import threading
 import warnings
 from pathlib import Path
 
+from ..cache import default_cache_dir as cache_root
+
 _CSRC = Path(__file__).parent / "csrc"
 _LOCK = threading.Lock()
 _CACHE: dict[str, object] = {}
@@ -33,10 +35,6 @@ class ExtensionRequiredError(RuntimeError):
 
 def _flag(name: str) -> bool:
     return os.environ.get(name, "") not in ("", "0")
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("TREEFFN_CACHE", Path.home() / ".cache" / "treeffn"))
 
 
 def _ensure_ninja_on_path() -> None:

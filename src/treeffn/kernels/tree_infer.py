@@ -15,7 +15,7 @@ costs microseconds per op, which at batch 1 is more than the arithmetic of the w
 ``tree-torch`` row of ``treeffn bench layer``: a PyTorch walk is far from the ideal ratio at batch 1). ``csrc/tree_infer.cpp`` walks all trees and levels of all
 tokens in one call, so a batch-1 call costs a few microseconds.
 
-Implementations (``impl``):
+Backends (``backend``):
 
 * ``"cpp"``   — the fused kernel; CPU tensors, fp32 or bf16 (fp32 accumulation). Raises if it cannot be built.
 * ``"torch"`` — one gather + batched dot per level, in chunks of tokens to bound the gathered memory. Device
@@ -59,7 +59,7 @@ def tree_infer(
     activation: str = "gelu",
     placement: str = "node",
     return_paths: bool = False,
-    impl: str = "auto",
+    backend: str = "auto",
     thr: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Tree layer output for x (M, D): ``(y (M, D), paths (M, K, L) int64 or None)``. See the module docstring."""
@@ -74,20 +74,20 @@ def tree_infer(
         place = _PLACEMENT_CODE[placement]
     except KeyError:
         raise ConfigError(f"unknown activation '{activation}' or placement '{placement}'") from None
-    if impl == "auto":
+    if backend == "auto":
         ext = _ext if _ext_tried else extension()
         # x.is_cpu is ~10x cheaper than x.device.type; w_out's dtype and all shapes are checked in C++.
         if ext is None or not x.is_cpu or x.dtype not in _CPP_DTYPES or w_in.dtype not in _CPP_DTYPES:
             return tree_infer_torch(x, w_in, b_in, w_out, depth, activation, placement, return_paths, thr)
-    elif impl == "cpp":
+    elif backend == "cpp":
         ext = _ext if _ext_tried else extension()
         if ext is None:
             raise RuntimeError("tree_infer: the C++ kernel could not be built (see the warning above); "
-                               "use impl='torch'")
-    elif impl == "torch":
+                               "use backend='torch'")
+    elif backend == "torch":
         return tree_infer_torch(x, w_in, b_in, w_out, depth, activation, placement, return_paths, thr)
     else:
-        raise ConfigError(f"unknown tree_infer impl '{impl}'; choose one of auto, cpp, torch")
+        raise ConfigError(f"unknown tree_infer backend '{backend}'; choose one of auto, cpp, torch")
     if return_paths:
         return ext.infer_paths(x, w_in, b_in, w_out, depth, act, place, thr)
     return ext.infer(x, w_in, b_in, w_out, depth, act, place, thr), None

@@ -23,7 +23,7 @@ Only the K·L·W visited units of each token are read or written, so the work pe
 O(N) cost is allocating the dense (zero) parameter-gradient tensors PyTorch expects, once per batch. Nothing of
 shape (M, K, N, …) is ever built (the reference builds (M, K, N, W)).
 
-Implementations (``impl``):
+Backends (``backend``):
 
 * ``"cpp"``   — ``csrc/tree_train.cpp``: fused forward and backward (OpenMP). The backward walks each tree's
   tokens in leaf order, so consecutive tokens share their path's rows and each node's parameter gradient is summed
@@ -50,7 +50,7 @@ from ..ops.tree import PLACEMENTS
 from .build import load_extension
 
 _CPP_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
-IMPLS = ("auto", "cpp", "torch")
+BACKENDS = ("auto", "cpp", "torch")
 
 # Torch path: bound on gathered elements per level (tokens of a chunk × K × W × D); a few such temporaries are alive
 # at once in the backward (16 MiB each on CPU). Larger chunks mean fewer ops; accelerators prefer large launches.
@@ -73,7 +73,7 @@ def tree_train(
     depth: int,
     activation: str = "gelu",
     placement: str = "node",
-    impl: str = "auto",
+    backend: str = "auto",
     thr: torch.Tensor | None = None,
     return_lam: bool = False,
 ):
@@ -87,8 +87,8 @@ def tree_train(
         raise ConfigError(f"unknown activation '{activation}'; choose one of {', '.join(ACTIVATIONS)}")
     if placement not in _PLACEMENT_CODE:
         raise ConfigError(f"unknown tree placement '{placement}'; choose one of {', '.join(PLACEMENTS)}")
-    if impl not in IMPLS:
-        raise ConfigError(f"unknown tree_train impl '{impl}'; choose one of {', '.join(IMPLS)}")
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown tree_train backend '{backend}'; choose one of {', '.join(BACKENDS)}")
     if x.dim() != 2 or w_in.dim() != 4 or w_out.shape != w_in.shape:
         raise ConfigError(f"tree_train: expected x (M, D) and w_in, w_out (K, N, W, D); got x {tuple(x.shape)}, "
                           f"w_in {tuple(w_in.shape)}, w_out {tuple(w_out.shape)}")
@@ -108,15 +108,15 @@ def tree_train(
     x = x.contiguous()
     act, place = _ACT_CODE[activation], _PLACEMENT_CODE[placement]
 
-    if impl == "auto":
+    if backend == "auto":
         use_cpp = x.device.type == "cpu" and dt in _CPP_DTYPES and extension() is not None
-    elif impl == "cpp":
+    elif backend == "cpp":
         if x.device.type != "cpu" or dt not in _CPP_DTYPES:
-            raise ConfigError(f"tree_train impl='cpp' needs CPU tensors of float32, bfloat16 or float64 "
-                              f"(got {dt} on {x.device.type}); use impl='torch'")
+            raise ConfigError(f"tree_train backend='cpp' needs CPU tensors of float32, bfloat16 or float64 "
+                              f"(got {dt} on {x.device.type}); use backend='torch'")
         if extension() is None:
             raise RuntimeError("tree_train: the C++ kernel could not be built (see the warning above); "
-                               "use impl='torch'")
+                               "use backend='torch'")
         use_cpp = True
     else:
         use_cpp = False

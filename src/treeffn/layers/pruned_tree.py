@@ -39,14 +39,14 @@ The forward pass is differentiable (routing excepted), so a pruned model can be 
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
+from ..config import Config
 from ..errors import ConfigError
-from ..ops.activations import ACTIVATIONS, activation_fn
-from ..ops.tree import PLACEMENTS, num_nodes
+from ..ops.activations import activation_fn
+from .registry import FFNVariant
+from .tree import TREE, TreeConfig, TreeLayer, check_tree, init_tree_weights
 
 DEAD_ROUTES = ("sibling", "stop")
 
@@ -55,21 +55,15 @@ DEAD_ROUTES = ("sibling", "stop")
 _CHUNK_ELEMS = 1 << 24
 
 
-class PrunedTreeFFN(nn.Module):
+class PrunedTreeFFN(TreeLayer):
     """K pruned binary trees stored as P node slots. See the module docstring."""
 
     def __init__(self, d_model: int, trees: int, depth: int, slots: int, node_width: int = 1,
                  activation: str = "gelu", placement: str = "node", bias: bool = True):
         super().__init__()
-        if d_model < 1 or trees < 1 or node_width < 1 or slots < 1:
-            raise ConfigError(f"pruned tree layer needs d_model, trees, node_width and slots ≥ 1 "
-                              f"(got {d_model}, {trees}, {node_width}, {slots})")
-        if not 0 <= depth <= 24:
-            raise ConfigError(f"tree.depth must be between 0 and 24 (got {depth})")
-        if activation not in ACTIVATIONS:
-            raise ConfigError(f"unknown tree.activation '{activation}'; choose one of {', '.join(ACTIVATIONS)}")
-        if placement not in PLACEMENTS:
-            raise ConfigError(f"unknown tree.placement '{placement}'; choose one of {', '.join(PLACEMENTS)}")
+        check_tree(d_model, trees, depth, node_width, activation, placement)
+        if slots < 1:
+            raise ConfigError(f"pruned tree layer needs at least one node slot (got {slots})")
         self.d_model, self.trees, self.depth, self.node_width, self.slots = d_model, trees, depth, node_width, slots
         self.activation, self.placement = activation, placement
         P, W, D = slots, node_width, d_model
@@ -82,11 +76,6 @@ class PrunedTreeFFN(nn.Module):
         self.register_buffer("route_threshold", torch.zeros(P))
         self.track_stats = False
         self.reset_parameters()
-
-    @property
-    def num_nodes(self) -> int:
-        """Nodes per *original* tree (N); statistics are reported in the original numbering."""
-        return num_nodes(self.depth)
 
     # ---- construction -----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -112,12 +101,7 @@ class PrunedTreeFFN(nn.Module):
         self.root.copy_(torch.where(torch.arange(K) < P, torch.arange(K), torch.full((K,), -1)))
         self.node_id.copy_(torch.where(valid, k * N + j, torch.full_like(s, -1)))
         self.route_threshold.zero_()
-        a = 1.0 / math.sqrt(self.d_model)
-        self.w_in.uniform_(-a, a)
-        if self.b_in is not None:
-            self.b_in.uniform_(-a, a)
-        c = 1.0 / math.sqrt(self.trees * (self.depth + 1) * self.node_width)
-        self.w_out.uniform_(-c, c)
+        init_tree_weights(self, None)
 
     @torch.no_grad()
     def load_tree(self, tree: nn.Module, keep: torch.Tensor, dead_route: str = "sibling") -> int:
@@ -174,7 +158,7 @@ class PrunedTreeFFN(nn.Module):
     def from_tree(cls, tree: nn.Module, keep: torch.Tensor, slots: int | None = None,
                   dead_route: str = "sibling") -> "PrunedTreeFFN":
         """A new pruned layer from a TreeFFN; ``slots`` defaults to the number of kept nodes."""
-        K, N = tree.trees, num_nodes(tree.depth)
+        K, N = tree.trees, tree.num_nodes
         closed = keep.detach().to("cpu", torch.bool).clone()
         for j in range(1, N):
             closed[:, j] &= closed[:, (j - 1) // 2]
@@ -195,10 +179,7 @@ class PrunedTreeFFN(nn.Module):
 
     def active_units(self) -> float:
         """Units per token: K·L·W (an upper bound under the "stop" rule, where some walks end early)."""
-        return float(self.trees * (self.depth + 1) * self.node_width)
-
-    def flops_per_token(self) -> float:
-        return 2.0 * 2.0 * self.active_units() * self.d_model
+        return super().active_units()
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, trees={self.trees}, depth={self.depth}, node_width={self.node_width}, "
@@ -250,6 +231,11 @@ class PrunedTreeFFN(nn.Module):
         y = torch.cat(outs, 0) if outs else x.new_zeros(0, D)
         return y.to(x.dtype), paths
 
+    @torch.no_grad()
+    def paths(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, D) -> visited node per token, tree and level (M, K, L), original numbering, −1 after a walk ended."""
+        return self.original_paths(self.walk(x)[1])
+
     def original_paths(self, slots: torch.Tensor) -> torch.Tensor:
         """Slots visited (M, K, L) -> original node index j inside its tree, −1 where the walk had ended."""
         ids = self.node_id[slots.clamp_min(0)]
@@ -272,7 +258,7 @@ class PrunedTreeFFN(nn.Module):
         return y.reshape(shape), aux
 
 
-def _build(cfg) -> nn.Module:
+def _build(cfg: Config) -> PrunedTreeFFN:
     t = cfg.tree
     if cfg.ffn.hidden % t.node_width:
         raise ConfigError(f"ffn.hidden ({cfg.ffn.hidden}) of a tree_pruned model must be a multiple of "
@@ -281,7 +267,10 @@ def _build(cfg) -> nn.Module:
                          t.activation, t.placement, t.bias)
 
 
-# imported at the end of treeffn/layers/__init__.py, after register_ffn exists
-from . import register_ffn  # noqa: E402
-
-register_ffn("tree_pruned")(_build)
+TREE_PRUNED = FFNVariant(
+    "tree_pruned",
+    build=_build,
+    describe=lambda cfg: f"{TREE.describe(cfg)}, pruned to {cfg.ffn.hidden // cfg.tree.node_width} node slots",
+    section=TreeConfig,
+    check=TREE.check,
+)

@@ -14,17 +14,32 @@ pre-activation, so its inference cost is D·H multiply-adds for the input side p
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from ..config import Config
 from ..errors import ConfigError
 from .dense import DenseMLP
+from .registry import INIT_STD, FFNVariant, residual_std
+
+
+@dataclass
+class TopKConfig:
+    NAME = "topk"
+    active: int = 32  # units kept per token (the k largest activations), of ffn.hidden
+
+    def check(self) -> None:
+        if self.active < 1:
+            raise ConfigError(f"topk.active must be positive (got {self.active})")
 
 
 class TopKMLP(DenseMLP):
-    def __init__(self, d_model: int, hidden: int, k: int, activation: str = "gelu", bias: bool = True):
-        super().__init__(d_model, hidden, activation, bias)
+    def __init__(self, d_model: int, hidden: int, k: int, activation: str = "gelu", bias: bool = True,
+                 init_std: float | None = None, out_std: float | None = None):
+        super().__init__(d_model, hidden, activation, bias, init_std, out_std)
         if not 1 <= k <= hidden:
-            raise ConfigError(f"ffn.active ({k}) must be between 1 and ffn.hidden ({hidden})")
+            raise ConfigError(f"topk.active ({k}) must be between 1 and ffn.hidden ({hidden})")
         self.k = k
 
     def active_units(self) -> float:
@@ -42,3 +57,18 @@ class TopKMLP(DenseMLP):
             idx = h.detach().topk(self.k, dim=-1).indices  # (..., k)
             h = torch.zeros_like(h).scatter(-1, idx, h.gather(-1, idx))
         return self.fc_out(h), {}
+
+
+def _check(cfg: Config) -> None:
+    if cfg.topk.active > cfg.ffn.hidden:
+        raise ConfigError(f"topk.active ({cfg.topk.active}) must be between 1 and ffn.hidden ({cfg.ffn.hidden})")
+
+
+TOPK = FFNVariant(
+    "topk",
+    build=lambda cfg: TopKMLP(cfg.model.d_model, cfg.ffn.hidden, cfg.topk.active, cfg.ffn.activation,
+                              cfg.model.bias, INIT_STD, residual_std(cfg)),
+    describe=lambda cfg: f"topk {cfg.topk.active} of {cfg.ffn.hidden}",
+    section=TopKConfig,
+    check=_check,
+)

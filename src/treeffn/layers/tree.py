@@ -68,11 +68,15 @@ Implementations (selected by ``impl``; ``"auto"`` picks the fastest available):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..config import Config
 from ..errors import ConfigError
+from ..kernels.tree_infer import tree_infer
+from ..kernels.tree_train import tree_train
 from ..ops.activations import ACTIVATIONS
 from ..ops.tree import (  # noqa: F401  (re-exported: the reference maths lives on the floor below)
     BALANCES,
@@ -84,11 +88,94 @@ from ..ops.tree import (  # noqa: F401  (re-exported: the reference maths lives 
     tree_reference,
     visit_counts,
 )
+from .registry import FFNVariant, residual_std
 
 IMPLS = ("auto", "reference", "sparse", "fused")
+INITS = ("residual", "ufb")
+MAX_PARAMS = 2**31  # per layer: beyond this a config is a typo, not a model
 
 
-class TreeFFN(nn.Module):
+@dataclass
+class TreeConfig:
+    NAME = "tree"
+    trees: int = 4  # K
+    depth: int = 6  # D: each tree has 2^(D+1) - 1 nodes, a token visits D + 1 of them
+    node_width: int = 1  # W units per node
+    activation: str = "gelu"
+    placement: str = "node"  # node (UFB-23) | output (balanced, DS-26)
+    bias: bool = True
+    balance: str = "threshold"  # threshold (per-node routing thresholds, docs/quality.md) | none (UFB-23 as published)
+    balance_rate: float = 0.1  # update rate of the thresholds towards the batch mean of each node's score
+    init: str = "residual"  # output vectors: residual (GPT-2 residual-branch scale) | ufb (UFB-23's uniform rule)
+
+    def check(self) -> None:
+        if self.trees < 1 or self.node_width < 1:
+            raise ConfigError(f"tree.trees and tree.node_width must be positive (got {self.trees}, {self.node_width})")
+        if self.depth < 0:
+            raise ConfigError(f"tree.depth must be ≥ 0 (got {self.depth})")
+        if self.balance not in BALANCES:
+            raise ConfigError(f"tree.balance must be one of {', '.join(BALANCES)} (got '{self.balance}')")
+        if not 0.0 < self.balance_rate <= 1.0:
+            raise ConfigError(f"tree.balance_rate must be in (0, 1] (got {self.balance_rate})")
+        if self.init not in INITS:
+            raise ConfigError(f"tree.init must be one of {', '.join(INITS)} (got '{self.init}')")
+
+
+def check_tree(d_model: int, trees: int, depth: int, node_width: int, activation: str, placement: str) -> None:
+    """Raise ConfigError for a tree shape or setting no layer can have (shared by the tree and the pruned tree)."""
+    if d_model < 1 or trees < 1 or node_width < 1:
+        raise ConfigError(f"tree layer needs d_model, trees and node_width ≥ 1 (got {d_model}, {trees}, {node_width})")
+    if not 0 <= depth <= 24:
+        raise ConfigError(f"tree.depth must be between 0 and 24 (got {depth})")
+    if activation not in ACTIVATIONS:
+        raise ConfigError(f"unknown tree.activation '{activation}'; choose one of {', '.join(ACTIVATIONS)}")
+    if placement not in PLACEMENTS:
+        raise ConfigError(f"unknown tree.placement '{placement}'; choose one of {', '.join(PLACEMENTS)}")
+
+
+@torch.no_grad()
+def init_tree_weights(layer: nn.Module, out_std: float | None) -> None:
+    """UFB-23's initialisation of ``layer.w_in``/``b_in``/``w_out`` (module docstring); ``out_std`` replaces the
+    output rule by normal(0, out_std)."""
+    a = 1.0 / math.sqrt(layer.d_model)
+    layer.w_in.uniform_(-a, a)
+    if layer.b_in is not None:
+        layer.b_in.uniform_(-a, a)
+    if out_std is not None:
+        layer.w_out.normal_(0.0, out_std)
+    else:
+        c = 1.0 / math.sqrt(layer.trees * (layer.depth + 1) * layer.node_width)
+        layer.w_out.uniform_(-c, c)
+
+
+class TreeLayer(nn.Module):
+    """What every tree feed-forward layer shares (the trained :class:`TreeFFN` and the pruned form): the shape
+    (``d_model``, ``trees``, ``depth``, ``node_width``), the visited units, and ``paths(x)`` — the node each token
+    visits per tree and level, in the original numbering (M, K, L), −1 after a walk ended. Analysis and pruning work
+    on any ``TreeLayer``."""
+
+    d_model: int
+    trees: int
+    depth: int
+    node_width: int
+
+    @property
+    def num_nodes(self) -> int:
+        """Nodes per (original) tree, N = 2^(depth+1) − 1."""
+        return num_nodes(self.depth)
+
+    def active_units(self) -> float:
+        return float(self.trees * (self.depth + 1) * self.node_width)
+
+    def flops_per_token(self) -> float:
+        """Inference multiply-adds ×2 over the visited units (routing sums and φ are O(units), not counted)."""
+        return 2.0 * 2.0 * self.active_units() * self.d_model
+
+    def paths(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TreeFFN(TreeLayer):
     """K binary trees of the given depth replacing a transformer MLP block. See the module docstring."""
 
     def __init__(
@@ -106,14 +193,7 @@ class TreeFFN(nn.Module):
         out_std: float | None = None,
     ):
         super().__init__()
-        if d_model < 1 or trees < 1 or node_width < 1:
-            raise ConfigError(f"tree layer needs d_model, trees and node_width ≥ 1 (got {d_model}, {trees}, {node_width})")
-        if not 0 <= depth <= 24:
-            raise ConfigError(f"tree.depth must be between 0 and 24 (got {depth})")
-        if activation not in ACTIVATIONS:
-            raise ConfigError(f"unknown tree.activation '{activation}'; choose one of {', '.join(ACTIVATIONS)}")
-        if placement not in PLACEMENTS:
-            raise ConfigError(f"unknown tree.placement '{placement}'; choose one of {', '.join(PLACEMENTS)}")
+        check_tree(d_model, trees, depth, node_width, activation, placement)
         if impl not in IMPLS:
             raise ConfigError(f"unknown tree impl '{impl}'; choose one of {', '.join(IMPLS)}")
         if balance not in BALANCES:
@@ -138,33 +218,19 @@ class TreeFFN(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        a = 1.0 / math.sqrt(self.d_model)
-        self.w_in.uniform_(-a, a)
-        if self.b_in is not None:
-            self.b_in.uniform_(-a, a)
-        if self.out_std is not None:
-            self.w_out.normal_(0.0, self.out_std)
-        else:
-            c = 1.0 / math.sqrt(self.trees * (self.depth + 1) * self.node_width)
-            self.w_out.uniform_(-c, c)
+        init_tree_weights(self, self.out_std)
         if self.route_threshold is not None:
             self.route_threshold.zero_()
             self.route_batches.zero_()
 
     # ---- accounting -------------------------------------------------------------------------------------------
-    @property
-    def num_nodes(self) -> int:
-        return num_nodes(self.depth)
-
     def total_units(self) -> int:
         return self.trees * self.num_nodes * self.node_width
 
-    def active_units(self) -> float:
-        return float(self.trees * (self.depth + 1) * self.node_width)
-
-    def flops_per_token(self) -> float:
-        """Inference multiply-adds ×2 over the visited units (routing sums and φ are O(units), not counted)."""
-        return 2.0 * 2.0 * self.active_units() * self.d_model
+    @torch.no_grad()
+    def paths(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, D) -> visited node per token, tree and level (M, K, L), as routed in evaluation."""
+        return tree_paths(x, self.w_in, self.b_in, self.depth, self.route_threshold)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, trees={self.trees}, depth={self.depth}, node_width={self.node_width}, "
@@ -186,25 +252,15 @@ class TreeFFN(nn.Module):
         impl = impl or self._choose_impl(x)
         thr = self.route_threshold if thr is None else thr
         if impl == "sparse":
-            try:
-                from ..kernels.tree_train import tree_train
-            except ImportError:
-                impl = "reference"
-            else:
-                return tree_train(x, self.w_in, self.b_in, self.w_out, self.depth, self.activation, self.placement,
-                                  thr=thr, return_lam=return_lam)
+            return tree_train(x, self.w_in, self.b_in, self.w_out, self.depth, self.activation, self.placement,
+                              thr=thr, return_lam=return_lam)
         if impl == "fused":
             if torch.is_grad_enabled() and (x.requires_grad or self.w_in.requires_grad):
                 raise RuntimeError("the fused tree kernel is inference-only; use impl='sparse' under autograd")
             if return_lam:
                 raise ValueError("the fused tree kernel does not return responses; use impl='sparse' or 'reference'")
-            try:
-                from ..kernels.tree_infer import tree_infer
-            except ImportError:
-                impl = "reference"
-            else:
-                return tree_infer(x, self.w_in, self.b_in, self.w_out, self.depth, self.activation, self.placement,
-                                  return_paths=self.track_stats, thr=thr)
+            return tree_infer(x, self.w_in, self.b_in, self.w_out, self.depth, self.activation, self.placement,
+                              return_paths=self.track_stats, thr=thr)
         paths = tree_paths(x, self.w_in, self.b_in, self.depth, thr)
         y = tree_reference(x, self.w_in, self.b_in, self.w_out, self.depth, self.activation, self.placement, paths)
         if not return_lam:
@@ -245,3 +301,31 @@ class TreeFFN(nn.Module):
             aux["tree_diag"] = routing_diagnostics(x2, out[2], thr if thr is not None else self.route_threshold,
                                                    paths, self.w_in, self.b_in, self.activation)
         return y.reshape(shape), aux
+
+
+def _check(cfg: Config) -> None:
+    t = cfg.tree
+    params = 2 * t.trees * num_nodes(min(t.depth, 64)) * t.node_width * cfg.model.d_model
+    if t.depth > 24 or params > MAX_PARAMS:
+        raise ConfigError(f"tree {t.trees}x{t.depth} (node_width {t.node_width}) at d_model {cfg.model.d_model} needs "
+                          f"{params:.3g} parameters per layer; lower tree.depth or tree.trees")
+
+
+def _describe(cfg: Config) -> str:
+    t = cfg.tree
+    text = f"tree {t.trees}x{t.depth} w{t.node_width} {t.activation}/{t.placement}"
+    if t.balance != "none":
+        text += f" balance={t.balance}@{t.balance_rate:g}"
+    if t.init != "residual":
+        text += f" init={t.init}"
+    return text
+
+
+def _build(cfg: Config) -> TreeFFN:
+    t = cfg.tree
+    return TreeFFN(cfg.model.d_model, t.trees, t.depth, t.node_width, t.activation, t.placement, t.bias,
+                   balance=t.balance, balance_rate=t.balance_rate,
+                   out_std=residual_std(cfg) if t.init == "residual" else None)
+
+
+TREE = FFNVariant("tree", build=_build, describe=_describe, section=TreeConfig, check=_check)
