@@ -64,7 +64,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import load_model, resolve, save_checkpoint_dir
 from .config import Config, parse_overrides
-from .data import decode_text_file, load_tokenizer, load_tokens, resolve_data
+from .data import check_token_ids, decode_text_file, load_tokenizer, load_tokens, resolve_data
 from .errors import CheckpointError, ConfigError, DataError
 from .layers import DenseMLP, SwiGLU, build_ffn
 from .model import GPT
@@ -125,8 +125,7 @@ def corpus_windows(data: str | None, tokenizer, vocab_size: int, n_tokens: int, 
     if len(out) < n_win:
         raise DataError(f"could not cut {n_win} disjoint windows of {seq_len} model tokens out of {ddir}")
     win = torch.tensor(out, dtype=torch.long)
-    if int(win.max()) >= vocab_size:
-        raise DataError(f"the tokenizer produced id {int(win.max())} beyond the model's vocabulary of {vocab_size}")
+    check_token_ids(win, vocab_size)
     return (win, starts, piece) if return_starts else win
 
 
@@ -140,9 +139,7 @@ def _cut_windows(ids, n_win: int, seq_len: int, rng, vocab_size: int, return_sta
     offset = int(rng.integers(0, len(ids) - slots * seq_len + 1))  # a random phase of the slot grid
     starts = (offset + rng.choice(slots, size=n_win, replace=False) * seq_len).tolist()
     win = torch.tensor(np.stack([ids[s:s + seq_len] for s in starts]).astype("int64"))
-    if int(win.max()) >= vocab_size:
-        raise DataError(f"corpus token id {int(win.max())} is beyond the model's vocabulary of {vocab_size}; "
-                        "the data was tokenized with another tokenizer")
+    check_token_ids(win, vocab_size)
     return (win, starts, seq_len) if return_starts else win
 
 
