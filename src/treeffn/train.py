@@ -330,7 +330,7 @@ class TrainingLoop:
                     out = self.model(x, targets=y)
                 (out.loss / tr.grad_accum).backward()
             loss += out.lm_loss.item() / tr.grad_accum
-            aux += float(out.aux_loss) / tr.grad_accum
+            aux += out.aux_loss.item() / tr.grad_accum
             if track:
                 self.visits.add(out.stats)
         loss, aux = global_mean([loss, aux], dist, self.dev)  # log the global-batch loss, not this rank's share
