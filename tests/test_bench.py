@@ -3,9 +3,11 @@ the shipped layers. Tiny sizes; no assertion on any measured time (the machine m
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import inspect
 import json
+import math
 
 import pytest
 import torch
@@ -18,7 +20,7 @@ from treeffn.layers import DenseMLP, MoE, TreeFFN
 # the smallest run of each benchmark (every implementation and baseline still timed)
 TINY = {
     "layer": ["--configs", "1x2", "--batches", "3", "--repeats", "3", "--budget-s", "0.05", "--d-model", "16",
-              "--skip-fff"],
+              "--skip-fff", "--llc-mb", "1"],
     "train-ffn": ["--d-model", "16", "--configs", "2x2", "--tokens", "16", "--dtypes", "fp32", "--repeats", "1",
                   "--warmup", "0"],
     "generate": ["--preset", "debug", "--batches", "1", "--prompt", "4", "--new", "3", "--repeats", "1",
@@ -59,7 +61,7 @@ def test_benchmark_prints_one_schema_line(name, capsys):
     assert list(rec) == ["bench", "schema", "env", "settings", "results", "summary", "notes"]
     env = rec["env"]
     for key in ("torch", "python", "machine", "cpu_count", "threads", "cpu_model", "cpu_flags", "cpu_capability",
-                "cuda", "loadavg_start", "loadavg_end"):
+                "cuda", "llc_bytes", "loadavg_start", "loadavg_end"):
         assert key in env, key
     assert env["torch"] == torch.__version__ and env["threads"] >= 1
     for r in rec["results"]:
@@ -167,6 +169,26 @@ def test_measure_slow_warmup_is_the_sample():
     assert t.to_dict()["warmup_as_sample"] is True
 
 
+def test_measure_before_hook_runs_untimed_before_every_call():
+    log = []
+    t = common.measure(lambda x: log.append(("call", x)), inputs=["a", "b"], warmup=1, repeats=3,
+                       before=lambda x: log.append(("before", x)))
+    assert log == [("before", "a"), ("call", "a"), ("before", "a"), ("call", "a"), ("before", "b"), ("call", "b"),
+                   ("before", "a"), ("call", "a")]
+    assert t.n == 3
+
+
+def test_measure_does_not_time_the_before_hook(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+
+    def advance(dt):
+        clock[0] += dt
+
+    t = common.measure(lambda: advance(0.25), warmup=0, repeats=3, before=lambda: advance(1.0))
+    assert t.samples == [0.25] * 3
+
+
 def test_measure_warmup_cutoff():
     calls = []
     common.measure(lambda: calls.append(1), warmup=3, warmup_cutoff_s=0.0, repeats=1)
@@ -183,6 +205,79 @@ def test_cpu_info_parses_x86_and_arm(tmp_path):
     arm.write_text("processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd sve bf16\n\n")
     assert common.cpu_info(str(arm)) == {"cpu_model": None, "cpu_flags": ["asimd", "sve", "bf16"]}
     assert common.cpu_info(str(tmp_path / "missing")) == {"cpu_model": None, "cpu_flags": None}
+
+
+def _fake_cache(root, cpu, index, level, kind, size, shared):
+    d = root / f"cpu{cpu}" / "cache" / f"index{index}"
+    d.mkdir(parents=True)
+    for name, value in (("level", level), ("type", kind), ("size", size), ("shared_cpu_list", shared)):
+        (d / name).write_text(f"{value}\n")
+
+
+def test_last_level_cache_from_sysfs_and_lscpu(tmp_path, monkeypatch):
+    # two CPUs per L3 of 16 MiB, two L3s: 32 MiB of last-level cache; L1 instruction caches do not count
+    for cpu in range(4):
+        _fake_cache(tmp_path, cpu, 0, 1, "Data", "48K", str(cpu))
+        _fake_cache(tmp_path, cpu, 1, 1, "Instruction", "32K", str(cpu))
+        _fake_cache(tmp_path, cpu, 3, 3, "Unified", "16384K", "0-1" if cpu < 2 else "2-3")
+    (tmp_path / "cpufreq").mkdir()
+    assert common.last_level_cache(str(tmp_path)) == 32 << 20
+    # no sysfs: lscpu -B, whose sizes are totals over the instances
+    lscpu = ("L1d cache:   98304 (2 instances)\nL1i cache:   65536 (2 instances)\nL2 cache:    2097152 (2 instances)\n"
+             "L3 cache:    33554432 (1 instance)\n")
+    monkeypatch.setattr(common.subprocess, "run", lambda *a, **k: argparse.Namespace(stdout=lscpu))
+    assert common.last_level_cache(str(tmp_path / "missing")) == 32 << 20
+
+    def no_lscpu(*a, **k):
+        raise FileNotFoundError("lscpu")
+
+    monkeypatch.setattr(common.subprocess, "run", no_lscpu)
+    assert common.last_level_cache(str(tmp_path / "missing")) is None
+
+
+def test_parse_choices():
+    parse = common.parse_choices(("warm", "cold"))
+    assert parse("cold, warm,cold") == ["cold", "warm"]
+    for bad in ("hot", "", "warm,hot"):
+        with pytest.raises(argparse.ArgumentTypeError, match="subset of warm, cold"):
+            parse(bad)
+
+
+def test_layer_cold_copies_fill_twice_the_last_level_cache():
+    mib = 1 << 20
+    assert layer.cold_copies(25 * mib, 32 * mib) == 3  # a 4,096-unit dense layer at d_model 768
+    assert layer.cold_copies(1000, 32 * mib) == layer.MAX_COPIES  # a tiny layer: as many as allowed
+    assert layer.cold_copies(200 * mib, 32 * mib) == 2  # never fewer than two: one is timed, the next warms the code
+    assert layer.cold_copies(25 * mib, 32 * mib, override=5) == 5
+
+
+def test_layer_cold_protocol():
+    """Cold call i runs on copy i mod C; before it, untimed: the eviction read, then the same call on the next copy
+    with the same input (the code and the input come back into cache, this copy's weights do not). Warm calls all run
+    on the first copy."""
+    log = []
+    calls = [lambda x, c=c: log.append((c, x)) for c in range(3)]
+    inputs = ["a", "b"]
+    args = argparse.Namespace(repeats=4, budget_s=math.inf)
+    read = []
+    evict = layer.Evict(4096)
+    evict.buf = argparse.Namespace(sum=lambda: read.append(1))
+    t = layer.time_calls(calls, inputs, "cold", evict, args)
+    # warm-up calls 0, 1, 2, then timed calls 0 .. 3; each preceded by the next copy's call on its input
+    expected = []
+    for i in (0, 1, 2, 0, 1, 2, 3):
+        expected += [((i + 1) % 3, inputs[i % 2]), (i % 3, inputs[i % 2])]
+    assert log == expected and len(read) == 7 and t.n == 4
+    log.clear()
+    layer.time_calls(calls, inputs, "warm", None, args)
+    assert {c for c, _ in log} == {0} and [x for _, x in log] == ["a", "b", "a", "a", "b", "a", "b"]
+
+
+def test_layer_rejects_bad_cache_options(capsys):
+    for bad in (["--cache", "hot"], ["--paths", "graph"], ["--cold-copies", "1"], ["--llc-mb", "-1"]):
+        with pytest.raises(SystemExit):
+            layer.build_parser().parse_args(bad)
+    assert "subset of warm, cold" in capsys.readouterr().err
 
 
 def test_environment_record():

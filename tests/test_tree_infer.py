@@ -60,9 +60,10 @@ def assert_bf16_rounding(y, y_ref, magnitude):
                            f"{float((err - bound).max()):.3g} (error {float(err[bad].max()):.3g})")
 
 
-def assert_paths_agree(paths, x, w_in, b_in, depth, max_frac=0.0):
-    """paths == tree_paths except at near-ties (|Σ_w λ| ≈ 0, where summation order decides the sign)."""
-    ref = tree_paths(x, w_in, b_in, depth)
+def assert_paths_agree(paths, x, w_in, b_in, depth, max_frac=0.0, thr=None):
+    """paths == tree_paths except at near-ties (Σ_w λ ≈ the node's threshold, 0 without thr, where summation order
+    decides the side)."""
+    ref = tree_paths(x, w_in, b_in, depth, thr)
     assert paths.shape == ref.shape and paths.dtype == torch.long
     diff = (paths != ref).any(-1)  # (M, K)
     if not diff.any():
@@ -75,6 +76,8 @@ def assert_paths_agree(paths, x, w_in, b_in, depth, max_frac=0.0):
         s = (w_in[k, parent].double() @ xd[m]).sum()
         if b_in is not None:
             s = s + b_in[k, parent].double().sum()
+        if thr is not None:
+            s = s - float(thr[k, parent])
         assert abs(float(s)) < 1e-3, f"token {m} tree {k}: paths differ at level {t} with routing score {float(s)}"
 
 
@@ -174,6 +177,37 @@ def test_cpp_threading_modes_agree(ext):
         assert torch.equal(paths, tree_paths(x, w_in, b_in, 5))
         ref = tree_reference(x, w_in, b_in, w_out, 5, placement="output")
         torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("thresholds", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("placement", ["node", "output"])
+def test_cpp_result_does_not_depend_on_threads(ext, placement, dtype, thresholds):
+    """One thread (the serial path) and two or three (trees split at batch 1 and 3, tokens split at 40 and 514, whose
+    ranges end in one-token blocks) give the same bits: every schedule adds a token's terms in one order. 16x5 with
+    W=2 at D=180 is above the kernel's parallel threshold (32,768 multiply-adds) at batch 1; D=180 leaves a tail of
+    4 columns after the vectors of 8 and output slices of 16 columns that do not divide it."""
+    K, depth, W, D = 16, 5, 2, 180
+    layer = make_layer(D, K, depth, W, placement=placement, seed=12)
+    w_in, b_in, w_out = params(layer, dtype)
+    thr = torch.randn(K, num_nodes(depth), generator=torch.Generator().manual_seed(3)) if thresholds else None
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    threads = torch.get_num_threads()
+    try:
+        for M in (1, 3, 40, 514):
+            x = torch.randn(M, D, generator=torch.Generator().manual_seed(M)).to(dtype)
+            runs = []
+            for n in (1, 2, 3):
+                torch.set_num_threads(n)
+                with torch.no_grad():
+                    runs.append(ti.tree_infer(x, w_in, b_in, w_out, depth, placement=placement, return_paths=True,
+                                              backend="cpp", thr=thr))
+            (y1, p1), rest = runs[0], runs[1:]
+            for n, (y, p) in zip((2, 3), rest):
+                assert torch.equal(p, p1), f"batch {M}: {n} threads route differently from one"
+                assert torch.equal(y.view(bits), y1.view(bits)), f"batch {M}: {n} threads differ from one in value"
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("act", ["gelu", "tanh", "silu"])
@@ -276,6 +310,126 @@ def test_layer_fused_impl_uses_kernel(ext):
     assert int(aux["tree_visits"].sum()) == 10 * 4 * 4
 
 
+# ---- TreeFFN's inference fast path ----------------------------------------------------------------------------------
+# (x shape, K, depth, W, placement, bias, thresholds): batch 1 as (1, D) and (1, 1, D), larger batches in 2 and 3 dims
+FAST = [
+    ((1, 40), 1, 5, 1, "node", True, False),
+    ((1, 1, 40), 3, 3, 2, "output", True, True),
+    ((1, 33), 2, 4, 1, "output", False, True),
+    ((1, 1, 64), 1, 6, 1, "node", False, False),
+    ((2, 7, 33), 2, 4, 1, "node", False, True),
+    ((5, 64), 4, 2, 2, "output", False, False),
+    ((3, 40), 3, 3, 1, "node", True, True),
+    ((2, 3, 64), 1, 5, 2, "output", True, False),
+]
+FAST_IDS = ["x".join(map(str, c[0])) + f"-{c[1]}x{c[2]}-W{c[3]}-{c[4]}-{'b' if c[5] else 'nob'}-"
+            f"{'thr' if c[6] else 'sign'}" for c in FAST]
+
+
+def make_fast_layer(shape, K, depth, W, placement, bias, thresholds, dtype, seed=0):
+    D = shape[-1]
+    torch.manual_seed(seed)
+    layer = TreeFFN(D, K, depth, node_width=W, placement=placement, bias=bias,
+                    balance="threshold" if thresholds else "none")
+    with torch.no_grad():
+        if bias:
+            layer.b_in.mul_(3.0)
+        if thresholds:  # as trained thresholds would: away from 0, so that they move routes
+            layer.route_threshold.normal_(0.0, 1.0)
+    return layer.to(dtype).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", FAST, ids=FAST_IDS)
+def test_module_fast_path_matches_reference(ext, monkeypatch, case, dtype):
+    """layer(x) in eval mode under no_grad: one kernel call (the general path is never entered), the same bits as the
+    fused kernel called through tree_infer, and the reference's values (tree_reference on the kernel's paths, which
+    are tree_paths' with the layer's thresholds; tree_infer_torch)."""
+    shape, K, depth, W, placement, bias, thresholds = case
+    layer = make_fast_layer(shape, K, depth, W, placement, bias, thresholds, dtype, seed=len(shape) + K + depth)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(K)).to(dtype)
+
+    def general_path(*args, **kwargs):
+        raise AssertionError("the inference fast path fell back to the general path")
+
+    with monkeypatch.context() as m:
+        m.setattr(TreeFFN, "forward_2d", general_path)
+        with torch.no_grad():
+            y, aux = layer(x)
+    assert aux == {} and y.shape == x.shape and y.dtype == dtype
+    D = shape[-1]
+    x2, y2 = x.reshape(-1, D), y.reshape(-1, D)
+    thr = layer.route_threshold
+    w_in, b_in, w_out = params(layer, dtype)
+    with torch.no_grad():
+        y_kernel, paths = ti.tree_infer(x2, w_in, b_in, w_out, depth, "gelu", placement, return_paths=True,
+                                        backend="cpp", thr=thr)
+        y_torch, _ = ti.tree_infer_torch(x2, w_in, b_in, w_out, depth, "gelu", placement, thr=thr)
+    assert torch.equal(y2, y_kernel)
+    xf, wf, vf = x2.float(), w_in.float(), w_out.float()
+    bf = b_in.float() if b_in is not None else None
+    tf = thr.float() if thr is not None else None
+    assert_paths_agree(paths, xf, wf, bf, depth, max_frac=0.0 if dtype == torch.float32 else 0.01, thr=tf)
+    y_ref = tree_reference(xf, wf, bf, vf, depth, "gelu", placement, paths=paths)
+    if dtype == torch.float32:
+        torch.testing.assert_close(y2, y_ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(y2, y_torch, rtol=1e-4, atol=1e-5)
+    else:
+        assert_bf16_rounding(y2, y_ref, term_magnitude(xf, wf, bf, vf, depth, paths))
+
+
+def test_module_takes_the_general_path_when_the_fast_one_does_not_apply(ext, monkeypatch):
+    """Training mode, autograd, track_stats, an explicit non-fused impl, a dtype the kernel lacks and a missing
+    extension all leave the fast path; each still computes the layer."""
+    layer = make_fast_layer((4, 40), 2, 3, 1, "node", True, True, torch.float32, seed=5)
+    x = torch.randn(4, 40, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        expected, _ = layer(x)
+    ref = tree_reference(x, layer.w_in, layer.b_in, layer.w_out, 3, thr=layer.route_threshold)
+    torch.testing.assert_close(expected, ref, rtol=1e-4, atol=1e-5)
+    entered = []
+    real = TreeFFN.forward_2d
+    monkeypatch.setattr(TreeFFN, "forward_2d", lambda self, *a, **k: entered.append(1) or real(self, *a, **k))
+
+    def general(**settings):
+        entered.clear()
+        for key, value in settings.items():
+            setattr(layer, key, value)
+        try:
+            with torch.no_grad():
+                y, aux = layer(x)
+        finally:
+            layer.train(False)
+            layer.impl, layer.track_stats = "auto", False
+        assert entered, f"{settings}: expected the general path"
+        return y, aux
+
+    y, _ = general(training=True)  # under no_grad: no batch statistics, the stored thresholds route
+    assert torch.equal(y, expected)
+    y, aux = general(track_stats=True)  # the training kernel, which returns the responses the statistics need
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
+    assert int(aux["tree_visits"].sum()) == 4 * 2 * 4
+    y, _ = general(impl="reference")
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
+    entered.clear()
+    y, _ = layer(x)  # autograd on: the training path, with gradients
+    assert entered and y.requires_grad
+    torch.testing.assert_close(y.detach(), expected, rtol=1e-4, atol=1e-5)
+    double = make_fast_layer((4, 40), 2, 3, 1, "node", True, True, torch.float64, seed=5)
+    entered.clear()
+    with torch.no_grad():
+        y, _ = double(x.double())  # the kernel has no float64: try_infer declines, the PyTorch walk runs
+    assert entered and y.dtype == torch.float64
+    torch.testing.assert_close(y.float(), expected, rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(ti, "_ext", None)  # no compiler: the PyTorch walk
+    monkeypatch.setattr(ti, "_ext_tried", True)
+    entered.clear()
+    with torch.no_grad():
+        y, _ = layer(x)
+    assert entered
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_torch_walk_on_cuda():
     layer = make_layer(64, 4, 5, 2, seed=1)
@@ -294,22 +448,31 @@ def test_bench_layer_smoke(capsys):
     from treeffn.bench.layer import main
 
     rc = main(["--configs", "1x3,2x2", "--batches", "1,5", "--repeats", "3", "--budget-s", "0.2", "--d-model", "32",
-               "--skip-fff"])
+               "--skip-fff", "--llc-mb", "1"])
     assert rc == 0
     out = capsys.readouterr().out
     data = json.loads(out.strip().splitlines()[-1])
     check_record(data, "layer")  # the JSON line schema shared by every benchmark (bench/common.py)
     s = data["settings"]
     assert s["d_model"] == 32 and s["dtype"] == "fp32" and s["moe"]["experts"] == 16 and s["moe"]["top_k"] == 1
-    impls = {"tree-torch", "dense-train", "dense-infer", "moe-top1"} | ({"tree-cpp"} if ti.extension() else set())
+    assert s["cache"] == ["warm", "cold"] and s["paths"] == ["module", "kernel"] and s["grad_mode"] == "no_grad"
+    assert s["llc_bytes"] == 2**20 and s["eviction_bytes"] == 2 * 2**20
+    # the tree through TreeFFN (whose inference runs the C++ kernel when it builds) and through each kernel;
+    # the baselines through their modules
+    tree_module = "tree-cpp" if ti.extension() else "tree-torch"
+    expected = {(tree_module, "module"), ("tree-torch", "kernel"), ("dense-train", "module"),
+                ("dense-infer", "module"), ("moe-top1", "module")} | ({("tree-cpp", "kernel")} if ti.extension()
+                                                                     else set())
     rows = {}
     for r in data["results"]:
-        rows.setdefault((r["case"]["config"], r["case"]["batch"]), {})[r["impl"]] = r
-    assert sorted(rows) == [("1x3", 1), ("1x3", 5), ("2x2", 1), ("2x2", 5)]  # every config at every batch
-    for (config, batch), by_impl in rows.items():
-        assert set(by_impl) == impls, (config, batch, set(by_impl))
+        c = r["case"]
+        assert list(c) == ["config", "K", "depth", "batch", "cache", "path"]
+        rows.setdefault((c["config"], c["batch"], c["cache"]), {})[r["impl"], c["path"]] = r
+    assert sorted(rows) == [(c, b, cache) for c in ("1x3", "2x2") for b in (1, 5) for cache in ("cold", "warm")]
+    for (config, batch, cache), by_impl in rows.items():
+        assert set(by_impl) == expected, (config, batch, cache, set(by_impl))
         K, depth = map(int, config.split("x"))
-        dense = by_impl["dense-train"]["time_s"]["median"]
+        dense = by_impl["dense-train", "module"]["time_s"]["median"]  # the baseline in the same cache state
         for r in by_impl.values():
             assert (r["case"]["K"], r["case"]["depth"]) == (K, depth)
             m, t = r["metrics"], r["time_s"]
@@ -317,4 +480,6 @@ def test_bench_layer_smoke(capsys):
             assert m["ideal"] == pytest.approx((2 ** (depth + 1) - 1) / (depth + 1), abs=0.01)
             assert 0 < t["min"] <= t["median"] and t["n"] >= 3  # never fewer than 3 timed calls
             assert m["ratio_vs_dense_train"] == pytest.approx(dense / t["median"], rel=0.01, abs=0.01)
-        assert by_impl["dense-train"]["metrics"]["ratio_vs_dense_train"] == 1.0
+            # a 1 MiB cache: a tiny layer is rotated through the most copies; warm runs use one
+            assert m["copies"] == (64 if cache == "cold" else 1)
+        assert by_impl["dense-train", "module"]["metrics"]["ratio_vs_dense_train"] == 1.0

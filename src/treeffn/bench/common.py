@@ -12,8 +12,9 @@ Environment
 -----------
 :func:`environment` records, once at the start of a run: treeffn, torch and Python versions, OS and machine, CPU
 model and the vector-instruction flags that decide kernel speed (``/proc/cpuinfo``, where present), torch's CPU
-capability, CPU count, the CPUs this process may use, torch's thread count, the CUDA device (or null) and the 1-min
-load average at start; :func:`print_json` adds the load average at the end.
+capability, CPU count, the CPUs this process may use, torch's thread count, the CUDA device (or null), the
+last-level cache in bytes (:func:`last_level_cache`, or null) and the 1-min load average at start; :func:`print_json`
+adds the load average at the end.
 
 JSON line schema (version 1)
 ----------------------------
@@ -46,7 +47,9 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
+import subprocess
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -106,12 +109,15 @@ class Timing:
 
 def measure(fns: Callable | Mapping[str, Callable], inputs: Sequence | None = None, *, warmup: int = 1,
             repeats: int = 5, min_repeats: int = 1, budget_s: float = math.inf, min_time_s: float = 0.0,
-            warmup_cutoff_s: float = math.inf, slow_sample: bool = False) -> Timing | dict[str, Timing]:
+            warmup_cutoff_s: float = math.inf, slow_sample: bool = False,
+            before: Callable | None = None) -> Timing | dict[str, Timing]:
     """Time ``fns`` — one function, or a dict of them run interleaved (a, b, a, b, …, so that load from other
     processes hits all of them alike) — and return a :class:`Timing` (a dict of them for a dict).
 
     * Each function is called as ``fn()``, or ``fn(inputs[i % len(inputs)])`` at its i-th call when ``inputs`` is
       given (a pool of fresh inputs, so no call finds its data hot in cache from the previous one).
+    * ``before`` is called untimed before every call (warm-up calls too), with the same argument as the call: it
+      sets up the state the call should find, e.g. evicted caches. Its time counts towards ``budget_s``.
     * Warm-up: ``warmup`` untimed calls (first-call allocations, lazy initialisation, caches), cut short after a
       call slower than ``warmup_cutoff_s`` (one such call amortises the start-up costs).
     * ``slow_sample``: a function whose last warm-up call alone took longer than ``budget_s`` is not called again;
@@ -124,8 +130,17 @@ def measure(fns: Callable | Mapping[str, Callable], inputs: Sequence | None = No
     pool = list(inputs) if inputs is not None else None
 
     def call(fn, i):
-        t0 = time.perf_counter()
-        r = fn() if pool is None else fn(pool[i % len(pool)])
+        if pool is None:
+            if before is not None:
+                before()
+            t0 = time.perf_counter()
+            r = fn()
+        else:
+            arg = pool[i % len(pool)]
+            if before is not None:
+                before(arg)
+            t0 = time.perf_counter()
+            r = fn(arg)
         return time.perf_counter() - t0, r
 
     last: dict[str, tuple[float, object]] = {}
@@ -192,6 +207,57 @@ def cpu_info(path: str = "/proc/cpuinfo") -> dict:
     return {"cpu_model": model, "cpu_flags": flags}
 
 
+def _cache_bytes(text: str) -> int:
+    """A sysfs cache size ("32768K", "1M", "512") in bytes."""
+    text = text.strip().upper()
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    return int(text.rstrip("KMG")) * scale
+
+
+def _sysfs_caches(root: str) -> dict[int, dict[str, int]]:
+    """{level: {shared_cpu_list: bytes}} of the data and unified caches sysfs lists under ``root``."""
+    found: dict[int, dict[str, int]] = {}
+    for cpu in os.listdir(root):
+        cache = os.path.join(root, cpu, "cache")
+        if not (cpu.startswith("cpu") and cpu[3:].isdigit() and os.path.isdir(cache)):
+            continue
+        for index in os.listdir(cache):
+            if not index.startswith("index"):
+                continue
+            info = {}
+            for name in ("type", "level", "size", "shared_cpu_list"):
+                with open(os.path.join(cache, index, name), encoding="ascii") as f:
+                    info[name] = f.read().strip()
+            if info["type"] in ("Data", "Unified"):
+                found.setdefault(int(info["level"]), {})[info["shared_cpu_list"]] = _cache_bytes(info["size"])
+    return found
+
+
+def _lscpu_caches() -> dict[int, int]:
+    """{level: total bytes} of the data and unified caches from ``lscpu -B`` ("L3 cache:  33554432 (1 instance)";
+    "L1i" lines are instruction caches)."""
+    out = subprocess.run(["lscpu", "-B"], capture_output=True, text=True, timeout=10).stdout
+    found = (re.match(r"L(\d)(d?) cache:\s*(\d+)", line.strip()) for line in out.splitlines())
+    return {int(m[1]): int(m[3]) for m in found if m}
+
+
+def last_level_cache(root: str = "/sys/devices/system/cpu") -> int | None:
+    """Bytes of last-level cache on the machine: the highest data cache level's size times its number of instances
+    (one per group of CPUs sharing it) from sysfs, else the total ``lscpu -B`` gives for that level; None when
+    neither says."""
+    try:
+        found = _sysfs_caches(root)
+        if found:
+            return sum(found[max(found)].values())
+    except (OSError, ValueError):
+        pass
+    try:
+        sizes = _lscpu_caches()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sizes[max(sizes)] if sizes else None
+
+
 def environment() -> dict:
     """The record of the machine and software a benchmark ran on (the ``env`` of its JSON line). Call it after
     setting the thread count, at the start of the run: it reads the load average then."""
@@ -221,6 +287,7 @@ def environment() -> dict:
         "cpus_available": cpus_available,
         "threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "llc_bytes": last_level_cache(),
         "loadavg_start": loadavg(),
     }
 
@@ -392,6 +459,17 @@ def parse_ints(text: str) -> list[int]:
     if not vals or min(vals) < 1:
         raise argparse.ArgumentTypeError("expected positive integers")
     return vals
+
+
+def parse_choices(allowed: Sequence[str]) -> Callable[[str], list[str]]:
+    """argparse type: a comma-separated subset of ``allowed`` ("warm,cold" -> ["warm", "cold"]), no repeats."""
+    def parse(text: str) -> list[str]:
+        names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+        if not names or any(n not in allowed for n in names):
+            raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {', '.join(allowed)} "
+                                             f"(got '{text}')")
+        return names
+    return parse
 
 
 def drop_unbuilt_cpp(impls: list[str], extension, notes: list[str]) -> None:

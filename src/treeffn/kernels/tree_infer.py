@@ -17,12 +17,17 @@ tokens in one call, so a batch-1 call costs a few microseconds.
 
 Backends (``backend``):
 
-* ``"cpp"``   — the fused kernel; CPU tensors, fp32 or bf16 (fp32 accumulation). Raises if it cannot be built.
+* ``"cpp"``   — the fused kernel; CPU tensors, fp32 or bf16 (fp32 accumulation). Raises if it cannot be built. Its
+  result does not depend on the thread count: every schedule adds a token's terms in one order.
 * ``"torch"`` — one gather + batched dot per level, in chunks of tokens to bound the gathered memory. Device
   agnostic: this is the GPU path, and the fallback when the extension cannot be built (``TREEFFN_NO_EXT=1``).
 * ``"auto"``  — ``"cpp"`` for CPU tensors of a supported dtype when the extension loads, else ``"torch"``.
 
 Inference only: calling with autograd recording on a tensor that requires grad raises (use the training path).
+
+``TreeFFN.forward`` in eval mode skips this function: it calls the compiled module's ``try_infer`` directly, which
+takes x of any shape (..., D), returns y in that shape, and answers None (instead of raising) for tensors off the
+CPU or of another dtype, so that the layer's batch-1 call is one C++ call.
 """
 
 from __future__ import annotations

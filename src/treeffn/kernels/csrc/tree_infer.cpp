@@ -14,17 +14,27 @@
 // token instead of K*N*W*D for the dense layer: the whole point of the layer, which per-op framework overhead
 // would otherwise eat at small batch (compare the tree-torch and tree-cpp rows of `treeffn bench layer`).
 //
-// Two walks: one token at a time (walk: batch 1, x and the output row stay in L1, the children's rows are
-// prefetched while the current dot product runs), and a block of tokens level by level (walk_block: tokens at the
-// same node are processed together so the node's weights are read once per block, four tokens per weight load).
+// Two walks:
+// * one token (route + accumulate: batch 1, and a block's last token): first the routing, level by level across all
+//   trees, then the output, adding every visited node's contribution in a fixed order. Each tree's walk is a chain
+//   of dependent loads (the next row's address depends on the current dot product's sign), and at batch 1 inside a
+//   model the rows are cold (the model's other layers ran since this one): taking the K chains in step lets their
+//   loads overlap, and the children and grandchildren of every node are prefetched before its sign is known. Walking
+//   one tree after the other measured 10-25 % slower for 16x7 on one thread, warm or cold;
+// * a block of tokens level by level (walk_block): tokens at the same node are processed together so the node's
+//   weights are read once per block, four tokens per weight load.
 //
-// Accumulation is always fp32 (bf16 is widened on load). Parallelism: OpenMP over tokens when there are enough
-// of them, over trees (with per-thread partial outputs reduced at the end) when the batch is small, and none at
-// all when the work is too small to pay for waking threads (batch 1 with one tree). Thread count: torch's
-// (at::get_num_threads), so torch.set_num_threads applies; the GIL is released for calls big enough to matter.
+// Accumulation is always fp32 (bf16 is widened on load), and every schedule adds the same terms in the same order
+// for a token: trees in order, then levels, then units; each response is one dot() whatever the grouping of the
+// tokens. The result is therefore bit-identical whatever the thread count and the batch split (tests check it).
+// Parallelism: OpenMP over tokens when there are enough of them, over trees when the batch is small (routing split
+// by trees, then the output split by columns), and none at all when the work is too small to pay for waking threads.
+// Thread count: torch's (at::get_num_threads), so torch.set_num_threads applies; the GIL is released for calls big
+// enough to matter.
 
 // Narrow headers instead of <torch/extension.h>: the same binding (at::Tensor <-> torch.Tensor casters) in less
 // than half the first-use compile time.
+#include <ATen/EmptyTensor.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/csrc/utils/pybind.h>
@@ -55,7 +65,9 @@ enum Act : int { GELU = 0, RELU = 1, TANH = 2, SILU = 3, IDENTITY = 4 };
 enum Placement : int { NODE = 0, OUTPUT = 1 };
 
 // Below this many multiply-adds per call (M*K*L*W*D) we stay on the calling thread: waking the OpenMP team costs
-// microseconds, which is the whole budget of a batch-1 call.
+// from a microsecond (its threads still spinning from the previous parallel op) to tens (asleep), against a few
+// microseconds for the whole walk. Measured (2 cores, D=768, batch 1): with the team spinning, two threads were as
+// fast as one from 2x10 (17K) on; after 20 ms idle, 20-35 us slower at 2x10 and 4x9 (31K), even at 16x7 (98K).
 constexpr int64_t kParallelWork = 1 << 15;
 
 using bf16_t = uint16_t;  // raw bfloat16 bits; the top half of an IEEE float
@@ -152,7 +164,8 @@ inline void add_act(int act, const float* __restrict z, float* __restrict acc, i
 // ---- dot products and axpy over D ---------------------------------------------------------------------------
 // The dot product is the critical path of the walk (the next node's address depends on its sign), so it uses
 // independent accumulators to hide FMA latency. GCC does not reorder a float reduction without -ffast-math,
-// hence intrinsics where available and an `omp simd` reduction otherwise.
+// hence intrinsics where available and an `omp simd` reduction otherwise. dot4 adds each token's products in
+// exactly dot's order, so a response does not depend on how the tokens were grouped.
 #ifdef TREEFFN_AVX2
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const bf16_t* p) {  // 8 bf16 -> 8 fp32: widen to 32 bits, shift into the top half
@@ -167,11 +180,12 @@ inline float hsum(__m256 a) {
 }
 #endif
 
+// Σ_d w[d]·x[d]: four accumulators over blocks of 32, the blocks of 8 left into the first, then the last D mod 8
+// products one by one.
 template <typename TW>
 inline float dot(const TW* __restrict w, const float* __restrict x, int64_t D) {
-  int64_t d = 0;
-  float s = 0.0f;
 #ifdef TREEFFN_AVX2
+  int64_t d = 0;
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
   for (; d + 32 <= D; d += 32) {
     a0 = _mm256_fmadd_ps(load8(w + d), _mm256_loadu_ps(x + d), a0);
@@ -180,69 +194,73 @@ inline float dot(const TW* __restrict w, const float* __restrict x, int64_t D) {
     a3 = _mm256_fmadd_ps(load8(w + d + 24), _mm256_loadu_ps(x + d + 24), a3);
   }
   for (; d + 8 <= D; d += 8) a0 = _mm256_fmadd_ps(load8(w + d), _mm256_loadu_ps(x + d), a0);
-  s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-#endif
+  float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  for (; d < D; ++d) s += load(w, d) * x[d];
+  return s;
+#else
   float r = 0.0f;
 #pragma omp simd reduction(+ : r)
-  for (int64_t i = d; i < D; ++i) r += load(w, i) * x[i];
-  return s + r;
+  for (int64_t i = 0; i < D; ++i) r += load(w, i) * x[i];
+  return r;
+#endif
 }
 
-// Four tokens against one weight row (tokens at the same node): each weight vector is loaded once for four FMAs,
-// so the loop is bound by FMA throughput rather than by loads. x rows are xs[0..3].
+// Four tokens against one weight row (tokens at the same node), each in dot's order: each weight vector is loaded
+// once for four FMAs, so the loop is bound by FMA throughput rather than by loads. x rows are xs[0..3].
 template <typename TW>
 inline void dot4(const TW* __restrict w, const float* const* xs, int64_t D, float* out) {
+#ifdef TREEFFN_AVX2
   const float* __restrict x0 = xs[0];
   const float* __restrict x1 = xs[1];
   const float* __restrict x2 = xs[2];
   const float* __restrict x3 = xs[3];
+  __m256 a[4][4];  // [token][accumulator]: 16 registers; AVX-512 has 32, with AVX2's 16 a few spill (no slower)
+  for (int q = 0; q < 4; ++q)
+    for (int c = 0; c < 4; ++c) a[q][c] = _mm256_setzero_ps();
   int64_t d = 0;
-  float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-#ifdef TREEFFN_AVX2
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-  __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps(), c2 = _mm256_setzero_ps(), c3 = _mm256_setzero_ps();
-  for (; d + 16 <= D; d += 16) {
-    const __m256 w0 = load8(w + d), w1 = load8(w + d + 8);
-    a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x0 + d), a0);
-    a1 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x1 + d), a1);
-    a2 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x2 + d), a2);
-    a3 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x3 + d), a3);
-    c0 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x0 + d + 8), c0);
-    c1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x1 + d + 8), c1);
-    c2 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x2 + d + 8), c2);
-    c3 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x3 + d + 8), c3);
+  for (; d + 32 <= D; d += 32) {
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {
+      const __m256 wc = load8(w + d + 8 * c);
+      a[0][c] = _mm256_fmadd_ps(wc, _mm256_loadu_ps(x0 + d + 8 * c), a[0][c]);
+      a[1][c] = _mm256_fmadd_ps(wc, _mm256_loadu_ps(x1 + d + 8 * c), a[1][c]);
+      a[2][c] = _mm256_fmadd_ps(wc, _mm256_loadu_ps(x2 + d + 8 * c), a[2][c]);
+      a[3][c] = _mm256_fmadd_ps(wc, _mm256_loadu_ps(x3 + d + 8 * c), a[3][c]);
+    }
   }
   for (; d + 8 <= D; d += 8) {
     const __m256 w0 = load8(w + d);
-    a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x0 + d), a0);
-    a1 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x1 + d), a1);
-    a2 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x2 + d), a2);
-    a3 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x3 + d), a3);
+    a[0][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x0 + d), a[0][0]);
+    a[1][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x1 + d), a[1][0]);
+    a[2][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x2 + d), a[2][0]);
+    a[3][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x3 + d), a[3][0]);
   }
-  s0 = hsum(_mm256_add_ps(a0, c0));
-  s1 = hsum(_mm256_add_ps(a1, c1));
-  s2 = hsum(_mm256_add_ps(a2, c2));
-  s3 = hsum(_mm256_add_ps(a3, c3));
-#endif
+  float s[4];
+  for (int q = 0; q < 4; ++q)
+    s[q] = hsum(_mm256_add_ps(_mm256_add_ps(a[q][0], a[q][1]), _mm256_add_ps(a[q][2], a[q][3])));
   for (; d < D; ++d) {
     const float wd = load(w, d);
-    s0 += wd * x0[d];
-    s1 += wd * x1[d];
-    s2 += wd * x2[d];
-    s3 += wd * x3[d];
+    s[0] += wd * x0[d];
+    s[1] += wd * x1[d];
+    s[2] += wd * x2[d];
+    s[3] += wd * x3[d];
   }
-  out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
+  out[0] = s[0], out[1] = s[1], out[2] = s[2], out[3] = s[3];
+#else
+  for (int q = 0; q < 4; ++q) out[q] = dot(w, xs[q], D);
+#endif
 }
 
-// acc[d] += a * v[d]: no reduction, so plain loops vectorise.
+// acc[d] += a * v[d]: no reduction, so plain loops vectorise (elementwise: the same on any sub-range of d).
 template <typename TW>
 inline void axpy(float a, const TW* __restrict v, float* __restrict acc, int64_t D) {
   for (int64_t d = 0; d < D; ++d) acc[d] += a * load(v, d);
 }
 
-// Pull the next level's candidate rows towards the core while the current dot product runs: children 2j+1 and
-// 2j+2 are adjacent, so both candidates are one contiguous block of 2*W*D weights. Touching the first lines of
-// each row is enough for the hardware stream prefetcher to carry on (prefetching whole rows measured no better).
+// Pull candidate rows towards the core before the current node's sign is known: the children 2j+1 and 2j+2 are
+// adjacent, and so are the four grandchildren 4j+3 .. 4j+6, so each generation is one contiguous block of rows.
+// Touching the first lines of each row is enough for the hardware stream prefetcher to carry on: prefetching
+// whole rows measured no better cold and slower warm (the prefetch instructions themselves cost).
 template <typename TW>
 inline void prefetch_children(const TW* rows, int64_t row_elems, int64_t nrows) {
   constexpr int64_t kLine = 64 / sizeof(TW);
@@ -251,38 +269,77 @@ inline void prefetch_children(const TW* rows, int64_t row_elems, int64_t nrows) 
     for (int64_t l = 0; l < lines; ++l) __builtin_prefetch(rows + r * row_elems + l * kLine, 0, 3);
 }
 
+// Every cache line of n elements from p into L2: a row that will be read soon, but not next.
+template <typename TW>
+inline void prefetch_l2(const TW* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(TW));
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 2);
+  __builtin_prefetch(c + bytes - 1, 0, 2);
+}
+
 struct Problem {
   int64_t M, D, K, N, L, W;
   int act, placement;
   const float* thr;  // (K, N) routing thresholds or null (= 0): a token goes right iff its score s > thr
 };
 
-// One token through tree k (the batch-1 path): add its output to acc (D floats); z is D floats of scratch for the
-// output placement; path (L entries) may be null.
+// ---- one token: route, then accumulate ----------------------------------------------------------------------
+// Routing of one token x (D floats) through trees [k0, k1): its responses lam (K, L, W) and visited nodes node
+// (K, L) (entries of other trees untouched). Level by level across the trees, so that the K chains of dependent
+// loads overlap: the rows a tree needs next were prefetched (children and grandchildren of its node) before the
+// other trees' dot products ran. With one tree, the grandchildren keep two levels of the chain in flight, and each
+// visited node's output row v is prefetched for accumulate, which otherwise waits for them after the chain (1x11
+// cold: 10 % faster; with several trees accumulate reads many rows at once, and the prefetches cost more than they
+// save: 16x7 warm 30 % slower).
 template <typename TW>
-inline void walk(const Problem& p, const float* __restrict x, const TW* __restrict u_k, const TW* __restrict b_k,
-                 const TW* __restrict v_k, const float* __restrict thr_k, float* __restrict acc,
-                 float* __restrict z, int64_t* path) {
-  const int64_t D = p.D, W = p.W, WD = W * D;
-  const bool node_place = p.placement == NODE;
-  float* target = node_place ? acc : z;
-  if (!node_place) std::fill(z, z + D, 0.0f);
-  int64_t j = 0;
-  for (int64_t t = 0; t < p.L; ++t) {
-    if (path) path[t] = j;
-    const TW* u = u_k + j * WD;
-    const TW* v = v_k + j * WD;
-    if (t + 1 < p.L) prefetch_children(u_k + (2 * j + 1) * WD, D, 2 * W);
-    float s = 0.0f;
-    for (int64_t w = 0; w < W; ++w) {
-      float lam = dot(u + w * D, x, D);
-      if (b_k) lam += load(b_k, j * W + w);
-      s += lam;
-      axpy(node_place ? act_scalar(p.act, lam) : lam, v + w * D, target, D);
+void route(const Problem& p, const float* __restrict x, const TW* __restrict u, const TW* __restrict b,
+           const TW* __restrict v, int64_t k0, int64_t k1, float* __restrict lam, int64_t* __restrict node) {
+  const int64_t D = p.D, W = p.W, WD = W * D, L = p.L, N = p.N, NWD = N * WD;
+  const bool one = k1 - k0 == 1;
+  for (int64_t k = k0; k < k1; ++k) node[k * L] = 0;
+  if (one) prefetch_l2(v + k0 * NWD, WD);
+  for (int64_t t = 0; t < L; ++t) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t j = node[k * L + t];
+      const TW* uk = u + k * NWD;
+      if (t + 1 < L) prefetch_children(uk + (2 * j + 1) * WD, D, 2 * W);
+      if (t + 2 < L) prefetch_children(uk + (4 * j + 3) * WD, D, 4 * W);
+      float* l = lam + (k * L + t) * W;
+      float s = 0.0f;
+      for (int64_t w = 0; w < W; ++w) {
+        const float bias = b ? load(b, (k * N + j) * W + w) : 0.0f;
+        l[w] = dot(uk + j * WD + w * D, x, D) + bias;
+        s += l[w];
+      }
+      if (t + 1 < L) {
+        const int64_t c = 2 * j + 1 + (s > (p.thr ? p.thr[k * N + j] : 0.0f) ? 1 : 0);
+        node[k * L + t + 1] = c;
+        if (one) prefetch_l2(v + k * NWD + c * WD, WD);
+      }
     }
-    j = 2 * j + 1 + (s > (thr_k ? thr_k[j] : 0.0f) ? 1 : 0);
   }
-  if (!node_place) add_act(p.act, z, acc, D);
+}
+
+// Output columns [d0, d1) of one routed token: acc[d0, d1) += its trees' contributions, trees in order, then
+// levels, then units (walk_block's order). z: d1 - d0 floats of scratch (output placement). d0 must be a multiple
+// of 8 and d1 one of 8 or D, so that add_act splits the columns into vectors and a scalar tail as it would whole
+// rows (its vector and scalar φ differ in the last bits).
+template <typename TW>
+void accumulate(const Problem& p, const float* __restrict lam, const int64_t* __restrict node,
+                const TW* __restrict v, float* __restrict acc, int64_t d0, int64_t d1, float* __restrict z) {
+  const int64_t D = p.D, W = p.W, WD = W * D, L = p.L, NWD = p.N * WD, n = d1 - d0;
+  const bool node_place = p.placement == NODE;
+  float* target = node_place ? acc + d0 : z;
+  for (int64_t k = 0; k < p.K; ++k) {
+    if (!node_place) std::fill(z, z + n, 0.0f);
+    for (int64_t t = 0; t < L; ++t) {
+      const TW* vr = v + k * NWD + node[k * L + t] * WD + d0;
+      const float* l = lam + (k * L + t) * W;
+      for (int64_t w = 0; w < W; ++w) axpy(node_place ? act_scalar(p.act, l[w]) : l[w], vr + w * D, target, n);
+    }
+    if (!node_place) add_act(p.act, z, acc + d0, n);
+  }
 }
 
 // Scratch for walking a block of B tokens through one tree (sized once per thread, see scratch()).
@@ -393,18 +450,34 @@ inline void store(const float* src, bf16_t* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = c10::BFloat16(src[i]).x;  // round to nearest even
 }
 
-// Trees [k0, k1) for tokens [m0, m1) on the calling thread, accumulating into acc (rows of D floats, row 0 is
-// token m0). fp32 tokens are read in place; bf16 tokens are widened once per block.
+// One token's route + accumulate scratch: visited nodes (K, L) int64, responses (K, L, W), z (D) floats; an even
+// number of floats, so that what follows it stays 8-byte aligned.
+struct TokenScratch {
+  int64_t* node;
+  float* lam;
+  float* z;
+  static size_t floats(const Problem& p) { return (2 * p.K * p.L + p.K * p.L * p.W + p.D + 1) & ~int64_t(1); }
+  TokenScratch(float* base, const Problem& p) {
+    node = reinterpret_cast<int64_t*>(base);
+    lam = reinterpret_cast<float*>(node + p.K * p.L);
+    z = lam + p.K * p.L * p.W;
+  }
+};
+
+// Tokens [m0, m1), all trees, on the calling thread, accumulating into acc (rows of D floats, row 0 is token m0).
+// fp32 tokens are read in place; bf16 tokens are widened once per block. A block of one token (batch 1, or the
+// last of a range) goes through route + accumulate, a larger one through walk_block tree by tree.
 template <typename TX, typename TW>
 void run_range(const Problem& p, const TX* x, const TW* u, const TW* b, const TW* v, float* acc, int64_t* paths,
-               int64_t m0, int64_t m1, int64_t k0, int64_t k1) {
+               int64_t m0, int64_t m1) {
   const int64_t D = p.D, K = p.K, L = p.L, NWD = p.N * p.W * D, NW = p.N * p.W;
   const int64_t B = std::min(block_size(), m1 - m0);
   const bool fx = std::is_same<TX, float>::value;
-  const size_t nsc = BlockScratch::floats(B, p.W, D);
-  float* buf = scratch(nsc + (fx ? 0 : B * D));
-  BlockScratch sc(buf, B, p.W);
-  float* xbuf = buf + nsc;
+  const size_t ntok = TokenScratch::floats(p), nsc = BlockScratch::floats(B, p.W, D);
+  float* buf = scratch(ntok + nsc + (fx ? 0 : B * D));
+  TokenScratch ts(buf, p);
+  BlockScratch sc(buf + ntok, B, p.W);
+  float* xbuf = buf + ntok + nsc;
   for (int64_t mb = m0; mb < m1; mb += B) {
     const int64_t nb = std::min(B, m1 - mb);
     const float* xf;
@@ -415,14 +488,17 @@ void run_range(const Problem& p, const TX* x, const TW* u, const TW* b, const TW
       xf = xbuf;
     }
     float* a = acc + (mb - m0) * D;
-    for (int64_t k = k0; k < k1; ++k) {
+    if (nb == 1) {
+      int64_t* node = paths ? paths + mb * K * L : ts.node;
+      route(p, xf, u, b, v, 0, K, ts.lam, node);
+      accumulate(p, ts.lam, node, v, a, 0, D, ts.z);
+      continue;
+    }
+    for (int64_t k = 0; k < K; ++k) {
       const TW* bk = b ? b + k * NW : nullptr;
       const float* tk = p.thr ? p.thr + k * p.N : nullptr;
       int64_t* pk = paths ? paths + mb * K * L + k * L : nullptr;
-      if (nb == 1)
-        walk(p, xf, u + k * NWD, bk, v + k * NWD, tk, a, sc.z, pk);
-      else
-        walk_block(p, nb, xf, u + k * NWD, bk, v + k * NWD, tk, a, sc, pk, K * L);
+      walk_block(p, nb, xf, u + k * NWD, bk, v + k * NWD, tk, a, sc, pk, K * L);
     }
   }
 }
@@ -436,7 +512,7 @@ void run_tokens(const Problem& p, const TX* x, const TW* u, const TW* b, const T
   if (std::is_same<TX, float>::value) {
     float* acc = reinterpret_cast<float*>(y) + m0 * D;
     std::fill(acc, acc + (m1 - m0) * D, 0.0f);
-    run_range(p, x, u, b, v, acc, paths, m0, m1, 0, p.K);
+    run_range(p, x, u, b, v, acc, paths, m0, m1);
     return;
   }
   // bf16 output: an fp32 accumulator per chunk of tokens (its own thread_local, distinct from scratch()).
@@ -446,20 +522,36 @@ void run_tokens(const Problem& p, const TX* x, const TW* u, const TW* b, const T
   for (int64_t c = m0; c < m1; c += chunk) {
     const int64_t n = std::min(chunk, m1 - c);
     std::fill(accbuf.data(), accbuf.data() + n * D, 0.0f);
-    run_range(p, x, u, b, v, accbuf.data(), paths, c, c + n, 0, p.K);
+    run_range(p, x, u, b, v, accbuf.data(), paths, c, c + n);
     store(accbuf.data(), y + c * D, n * D);
   }
 }
 
-// Few tokens, many trees: split the trees over threads, each thread sums into its own (M, D) partial, then the
-// partials are added in a fixed order (deterministic for a given thread count).
+// Few tokens, many trees: route + accumulate on several threads. Each thread routes every token through its share
+// of the trees; after a barrier each adds the contributions of all trees to its share of the output columns (slices
+// of 16 floats, whole cache lines), in the one-thread order: the result is that of run_tokens, bit for bit.
 template <typename TX, typename TW>
 void run_trees(const Problem& p, const TX* x, const TW* u, const TW* b, const TW* v, TX* y, int64_t* paths,
                int nthreads) {
-  const int64_t M = p.M, D = p.D, K = p.K;
-  constexpr int kMaxThreads = 256;
-  nthreads = static_cast<int>(std::min<int64_t>(std::min<int64_t>(nthreads, K), kMaxThreads));
-  float* parts[kMaxThreads];
+  const int64_t M = p.M, D = p.D, K = p.K, KL = K * p.L, KLW = KL * p.W;
+  const bool fx = std::is_same<TX, float>::value;
+  // the calling thread's buffers, shared with the team: nodes (M, K, L) unless paths holds them, responses
+  // (M, K, L, W), and for bf16 the widened tokens and the fp32 outputs (M, D) each
+  static thread_local std::vector<float> shared;  // distinct from scratch(), which the team's threads use
+  const size_t need = (paths ? 0 : 2 * M * KL) + M * KLW + (fx ? 0 : 2 * M * D);
+  if (shared.size() < need) shared.resize(need);
+  int64_t* node = paths ? paths : reinterpret_cast<int64_t*>(shared.data());
+  float* lam = shared.data() + (paths ? 0 : 2 * M * KL);
+  const float* xf = reinterpret_cast<const float*>(x);
+  float* acc = reinterpret_cast<float*>(y);
+  if (!fx) {
+    float* xw = lam + M * KLW;
+    to_float(x, xw, M * D);
+    xf = xw;
+    acc = xw + M * D;
+  }
+  const int64_t slices = (D + 15) / 16;
+  nthreads = static_cast<int>(std::min<int64_t>(nthreads, K));
 #pragma omp parallel num_threads(nthreads)
   {
 #ifdef _OPENMP
@@ -467,22 +559,18 @@ void run_trees(const Problem& p, const TX* x, const TW* u, const TW* b, const TW
 #else
     const int tid = 0, nt = 1;
 #endif
-    static thread_local std::vector<float> partbuf;  // distinct from scratch(), which run_range uses
-    if (static_cast<int64_t>(partbuf.size()) < M * D + D) partbuf.resize(M * D + D);
-    float* part = partbuf.data();
-    parts[tid] = part;
-    std::fill(part, part + M * D, 0.0f);
-    run_range(p, x, u, b, v, part, paths, 0, M, K * tid / nt, K * (tid + 1) / nt);
+    const int64_t k0 = K * tid / nt, k1 = K * (tid + 1) / nt;
+    for (int64_t m = 0; m < M; ++m) route(p, xf + m * D, u, b, v, k0, k1, lam + m * KLW, node + m * KL);
 #pragma omp barrier
-    // Each thread reduces one slice of the (M, D) output over all partials.
-    const int64_t n = M * D, i0 = n * tid / nt, i1 = n * (tid + 1) / nt;
-    float* red = part + M * D;  // D floats: one chunk at a time
-    for (int64_t c = i0; c < i1; c += D) {
-      const int64_t len = std::min(D, i1 - c);
-      std::copy(parts[0] + c, parts[0] + c + len, red);
-      for (int t2 = 1; t2 < nt; ++t2)
-        for (int64_t i = 0; i < len; ++i) red[i] += parts[t2][c + i];
-      store(red, y + c, len);
+    const int64_t d0 = std::min(D, 16 * (slices * tid / nt)), d1 = std::min(D, 16 * (slices * (tid + 1) / nt));
+    if (d0 < d1) {
+      float* z = scratch(d1 - d0);
+      for (int64_t m = 0; m < M; ++m) {
+        float* a = acc + m * D;
+        std::fill(a + d0, a + d1, 0.0f);
+        accumulate(p, lam + m * KLW, node + m * KL, v, a, d0, d1, z);
+        if (!fx) store(a + d0, y + m * D + d0, d1 - d0);
+      }
     }
   }
 }
@@ -516,26 +604,27 @@ void run(const Problem& p, const at::Tensor& x, const at::Tensor& w_in, const c1
 }
 
 bool is_bf16(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16; }
+bool kernel_dtype(const at::Tensor& t) { return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16; }
 
+// y = the layer on x (..., D), in x's shape; with paths_out, the visited nodes (M, K, L) of its M = numel / D tokens.
 at::Tensor forward(const at::Tensor& x_, const at::Tensor& w_in_, const c10::optional<at::Tensor>& b_in_,
                    const at::Tensor& w_out_, int64_t depth, int64_t act, int64_t placement,
                    const c10::optional<at::Tensor>& thr_, bool with_paths, at::Tensor* paths_out) {
-  TORCH_CHECK(x_.dim() == 2 && w_in_.dim() == 4, "tree_infer: x must be (M, D) and w_in (K, N, W, D)");
+  TORCH_CHECK(x_.dim() >= 1 && w_in_.dim() == 4, "tree_infer: x must be (..., D) and w_in (K, N, W, D)");
   TORCH_CHECK(x_.device().is_cpu() && w_in_.device().is_cpu() && w_out_.device().is_cpu(),
               "tree_infer C++ kernel: tensors must be on the CPU");
-  const int64_t M = x_.size(0), D = x_.size(1);
+  const int64_t D = x_.size(-1), M = D > 0 ? x_.numel() / D : 0;
   const int64_t K = w_in_.size(0), N = w_in_.size(1), W = w_in_.size(2);
   TORCH_CHECK(depth >= 0 && depth < 40 && N == (int64_t(1) << (depth + 1)) - 1,
               "tree_infer: w_in has ", N, " nodes per tree, depth ", depth, " needs 2^(depth+1)-1");
   TORCH_CHECK(w_in_.size(3) == D && w_out_.sizes() == w_in_.sizes(), "tree_infer: w_in/w_out must be (K, N, W, D)",
-              " with D = x.size(1)");
+              " with D = x.size(-1)");
   TORCH_CHECK(act >= 0 && act <= IDENTITY && (placement == NODE || placement == OUTPUT),
               "tree_infer: bad activation/placement code");
   const auto wt = w_in_.scalar_type();
-  TORCH_CHECK((wt == at::kFloat || wt == at::kBFloat16) && w_out_.scalar_type() == wt,
+  TORCH_CHECK(kernel_dtype(w_in_) && w_out_.scalar_type() == wt,
               "tree_infer: w_in and w_out must both be float32 or both bfloat16");
-  TORCH_CHECK(x_.scalar_type() == at::kFloat || x_.scalar_type() == at::kBFloat16,
-              "tree_infer: x must be float32 or bfloat16");
+  TORCH_CHECK(kernel_dtype(x_), "tree_infer: x must be float32 or bfloat16");
   // .contiguous() returns the same tensor (no copy) when it already is; the check avoids even the refcount churn.
   const at::Tensor x = x_.is_contiguous() ? x_ : x_.contiguous();
   const at::Tensor w_in = w_in_.is_contiguous() ? w_in_ : w_in_.contiguous();
@@ -549,11 +638,13 @@ at::Tensor forward(const at::Tensor& x_, const at::Tensor& w_in_, const c10::opt
   }
   at::Tensor thr;
   if (thr_.has_value() && thr_->defined()) {
-    TORCH_CHECK(thr_->dim() == 2 && thr_->size(0) == K && thr_->size(1) == N && thr_->device().is_cpu(),
+    const at::Tensor& c = *thr_;
+    TORCH_CHECK(c.dim() == 2 && c.size(0) == K && c.size(1) == N && c.device().is_cpu(),
                 "tree_infer: the routing threshold must be (K, N) on the CPU");
-    thr = thr_->to(at::kFloat).contiguous();
+    thr = (c.scalar_type() == at::kFloat ? c : c.to(at::kFloat)).contiguous();
   }
-  at::Tensor y = at::empty({M, D}, x.options());
+  // empty_cpu skips the dispatcher (a tenth of a microsecond; a batch-1 call costs two)
+  at::Tensor y = at::detail::empty_cpu(x.sizes(), x.scalar_type(), false, c10::nullopt);
   int64_t* pp = nullptr;
   if (with_paths) {
     *paths_out = at::empty({M, K, depth + 1}, x.options().dtype(at::kLong));
@@ -586,6 +677,17 @@ at::Tensor infer(const at::Tensor& x, const at::Tensor& w_in, const c10::optiona
   return forward(x, w_in, b_in, w_out, depth, act, placement, thr, false, nullptr);
 }
 
+// infer, or None when x or the weights are off the CPU or of a dtype the kernel lacks (the caller then takes
+// another path): the check costs nanoseconds here against a fraction of a microsecond in Python.
+c10::optional<at::Tensor> try_infer(const at::Tensor& x, const at::Tensor& w_in, const c10::optional<at::Tensor>& b_in,
+                                    const at::Tensor& w_out, int64_t depth, int64_t act, int64_t placement,
+                                    const c10::optional<at::Tensor>& thr) {
+  if (!(x.device().is_cpu() && w_in.device().is_cpu() && w_out.device().is_cpu() && kernel_dtype(x) &&
+        kernel_dtype(w_in) && kernel_dtype(w_out)))
+    return c10::nullopt;
+  return forward(x, w_in, b_in, w_out, depth, act, placement, thr, false, nullptr);
+}
+
 std::tuple<at::Tensor, at::Tensor> infer_paths(const at::Tensor& x, const at::Tensor& w_in,
                                                const c10::optional<at::Tensor>& b_in, const at::Tensor& w_out,
                                                int64_t depth, int64_t act, int64_t placement,
@@ -601,6 +703,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_set_block", [](int64_t b) { g_block = b > 0 ? b : 256; }, "tokens per block (tuning experiments only)");
   m.doc() = "treeffn fused tree-FFN inference kernel (see treeffn/kernels/tree_infer.py)";
   m.def("infer", &infer, "y = tree layer(x); act: 0 gelu 1 relu 2 tanh 3 silu 4 identity; placement: 0 node 1 output",
+        pybind11::arg("x"), pybind11::arg("w_in"), pybind11::arg("b_in"), pybind11::arg("w_out"),
+        pybind11::arg("depth"), pybind11::arg("act"), pybind11::arg("placement"),
+        pybind11::arg("thr") = pybind11::none());
+  m.def("try_infer", &try_infer, "infer, or None for tensors off the CPU or of another dtype; arguments as infer",
         pybind11::arg("x"), pybind11::arg("w_in"), pybind11::arg("b_in"), pybind11::arg("w_out"),
         pybind11::arg("depth"), pybind11::arg("act"), pybind11::arg("placement"),
         pybind11::arg("thr") = pybind11::none());
