@@ -152,3 +152,17 @@ def test_config_sections_are_dataclasses_with_a_check():
         assert dataclasses.is_dataclass(cls)
         if name not in ("model", "ffn", "mod", "train"):
             assert cls.NAME == name and callable(cls.check)
+
+
+def test_projections_into_the_residual_stream_start_at_the_residual_scale():
+    """GPT-2 initialisation: 0.02 for input-side weights, 0.02/√(2·n_layer) for every projection that writes into the
+    residual stream (attention output and the feed-forward output), whoever initialises it."""
+    torch.manual_seed(0)
+    for kind in ("dense", "swiglu", "topk", "moe"):
+        model = treeffn.build_model("tiny", {"ffn.kind": kind})
+        small = residual_std(model.cfg)
+        for blk in model.blocks:
+            assert float(blk.attn.o.weight.std()) == pytest.approx(small, rel=0.05)
+            assert float(blk.attn.q.weight.std()) == pytest.approx(0.02, rel=0.05)
+            outs = [m for name, m in blk.ffn.named_modules() if name.rsplit(".", 1)[-1] in ("fc_out", "w2")]
+            assert outs and all(float(o.weight.std()) == pytest.approx(small, rel=0.05) for o in outs)

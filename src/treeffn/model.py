@@ -225,6 +225,7 @@ class GPT(nn.Module):
         for mod in self.modules():
             if id(mod) not in ffn_parts:
                 self._init_weights(mod)
+        for mod in self.modules():  # after the loop above, which reaches each projection after its Attention
             if isinstance(mod, Attention):
                 nn.init.normal_(mod.o.weight, 0.0, residual_std(cfg))
         if m.tie_embeddings:
