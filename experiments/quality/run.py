@@ -491,9 +491,11 @@ def reading(rows: list[dict]) -> list[str]:
         if a in fin and b in fin:
             ma, mb = _mean(fin[a]), _mean(fin[b])
             line = f"- {a} vs {b} ({what}): {ma:.4f} vs {mb:.4f}, {ma / mb - 1:+.2%}"
-            if len(fin[a]) > 1 and len(fin[b]) > 1:
-                sd = max(statistics.stdev(fin[a]), statistics.stdev(fin[b]))
-                line += f"; difference {abs(ma - mb) / max(sd, 1e-9):.1f} standard deviations (largest of the two)"
+            sds = [statistics.stdev(v) for v in (fin[a], fin[b]) if len(v) > 1]
+            if sds:
+                sd = max(max(sds), 1e-9)
+                line += (f" (seeds {len(fin[a])} vs {len(fin[b])}); the difference is {abs(ma - mb) / sd:.1f} seed "
+                         "standard deviations (the larger of those measured)")
             else:
                 line += " (one seed each)"
             out.append(line)
