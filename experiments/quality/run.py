@@ -77,7 +77,7 @@ DEFAULT_PLAN = (
     [(n, 0, EPOCH) for n in ("tree-node", "dense-1020", "dense-32", "tree-node-faithful", "tree-node-ufbinit",
                              "tree-output", "tree-node-ufb", "tree-output-faithful", "moe-top1", "moe-top2",
                              "tree-1x7w4", "topk-32of1020")]
-    + [(n, s, EPOCH) for s in (1, 2) for n in ("dense-1020", "tree-node")]
+    + [(n, s, EPOCH) for s in (1, 2) for n in ("dense-1020", "tree-node", "dense-32")]
     + [(n, 0, 3 * EPOCH) for n in ("dense-1020", "tree-node")]
 )
 
