@@ -25,6 +25,7 @@ from treeffn import cli
 from treeffn import gguf_import as gi
 from treeffn.checkpoint import load_codec, load_model, save_checkpoint_dir
 from treeffn.errors import CheckpointError
+from treeffn.evaluate import windows_loss
 
 needs_gguf = pytest.mark.skipif(importlib.util.find_spec("gguf") is None,
                                 reason="needs the gguf package (pip install 'treeffn[gguf]')")
@@ -392,7 +393,6 @@ def test_convert_debug_swiglu(tmp_path, sample_data, capsys):
     0.14 (zero output: 1.0). The figure depends on the dense model: at train.seed 0 layer 1's closed-form start has
     error 0.32 on the 448 selection tokens but 0.98 on the 448 report tokens, and the chosen fit ends at 0.84 — with
     so few held-out tokens a handful of outliers decide the error (seeds 1 and 2 end at 0.14 and 0.30)."""
-    from treeffn import convert as C
     from treeffn.config import get_config
     from treeffn.data import load_tokens
     from treeffn.train import train
@@ -421,14 +421,14 @@ def test_convert_debug_swiglu(tmp_path, sample_data, capsys):
     toks = load_tokens(sample_data, "train")
     report = torch.tensor(np.stack([toks[s:s + 64] for s in w["report"]]).astype("int64"))
     dense = load_model(src)
-    assert C._lm_loss(dense, report) == pytest.approx(summary["heldout_loss_dense"], abs=1e-3)
+    assert windows_loss(dense, report) == pytest.approx(summary["heldout_loss_dense"], abs=1e-3)
     model = load_model(out)
-    assert C._lm_loss(model, report) == pytest.approx(summary["heldout_loss_tree"], abs=1e-3)
+    assert windows_loss(model, report) == pytest.approx(summary["heldout_loss_tree"], abs=1e-3)
     with torch.no_grad():
         for f in dense.ffn_modules():
             for p in f.parameters():
                 p.zero_()
-    no_mlp = C._lm_loss(dense, report)
+    no_mlp = windows_loss(dense, report)
     gap = summary["heldout_loss_tree"] - summary["heldout_loss_dense"]
     assert gap < 0.5 * (no_mlp - summary["heldout_loss_dense"])
     assert model.cfg.ffn.kind == "tree" and (model.cfg.tree.trees, model.cfg.tree.depth) == (2, 4)

@@ -20,11 +20,10 @@ from treeffn.checkpoint import load_model, save_checkpoint_dir
 from treeffn.config import get_config
 from treeffn.data import load_tokens
 from treeffn.errors import ConfigError
-from treeffn.evaluate import evaluate_checkpoint
+from treeffn.evaluate import evaluate_checkpoint, windows_loss
 from treeffn.layers import build_ffn
 from treeffn.layers.sparse_mlp import METHODS, magnitude_quantile
 from treeffn.model import build_model
-from treeffn.sparsify import lm_loss
 
 ARGS = ["--tokens", "2048", "--heldout-tokens", "2048", "--seq-len", "64", "--quiet", "--json"]
 
@@ -85,8 +84,8 @@ def test_swiglu_fraction_loss_and_reload(method, swiglu_run, sample_data, tmp_pa
     assert model.cfg.ffn.kind == "sparse" and model.cfg.sparsity.method == method
     assert model.ffn_units()["fraction"] == pytest.approx(0.4)
     held = heldout_windows(s, sample_data)
-    assert lm_loss(model, held) == pytest.approx(s["heldout_loss_sparse"], abs=1e-3)
-    assert lm_loss(load_model(swiglu_run), held) == pytest.approx(s["heldout_loss_dense"], abs=1e-3)
+    assert windows_loss(model, held) == pytest.approx(s["heldout_loss_sparse"], abs=1e-3)
+    assert windows_loss(load_model(swiglu_run), held) == pytest.approx(s["heldout_loss_dense"], abs=1e-3)
     assert s["heldout_loss_sparse"] != s["heldout_loss_dense"]
     if method != "wina":  # per-layer thresholds, saved with the weights
         t = [float(f.threshold_mid) for f in model.ffn_modules()]

@@ -66,6 +66,7 @@ from .checkpoint import load_model, resolve, save_checkpoint_dir
 from .config import Config, parse_overrides
 from .data import check_token_ids, decode_text_file, load_tokenizer, load_tokens, resolve_data
 from .errors import CheckpointError, ConfigError, DataError
+from .evaluate import windows_loss
 from .layers import DenseMLP, SwiGLU, build_ffn
 from .model import GPT
 from .ops.activations import activation_fn, activation_grad
@@ -445,7 +446,7 @@ def fit_layer(tree, x: torch.Tensor, y: torch.Tensor, x_sel: torch.Tensor, y_sel
 
 # ---- whole model ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def _run_block(block, ffn, h: torch.Tensor, chunk: int, capture: bool):
+def run_block(block, ffn, h: torch.Tensor, chunk: int, capture: bool):
     """Block output for every window (chunked); with ``capture``, also the inputs and outputs (M, D) of its
     feed-forward module ``ffn``."""
     xs, ys, outs = [], [], []
@@ -467,17 +468,6 @@ def _run_block(block, ffn, h: torch.Tensor, chunk: int, capture: bool):
     if capture:
         return out, torch.cat(xs), torch.cat(ys)
     return out
-
-
-@torch.no_grad()
-def _lm_loss(model, windows: torch.Tensor, chunk: int = 8) -> float:
-    tot, n = 0.0, 0
-    for s in range(0, windows.shape[0], chunk):
-        w = windows[s:s + chunk]
-        out = model(w[:, :-1], targets=w[:, 1:])
-        tot += float(out.lm_loss) * w[:, 1:].numel()
-        n += w[:, 1:].numel()
-    return tot / max(n, 1)
 
 
 def _check_arguments(init: str, stream: str, tokens: int, seq_len: int, steps: int, batch: int,
@@ -538,7 +528,7 @@ def _convert_layers(model, new_cfg: Config, parts: dict[str, torch.Tensor], step
     for i, block in enumerate(model.blocks):
         lt = time.time()
         mlp = model.ffn_modules()[i]
-        cap = {k: _run_block(block, mlp, hk, chunk, capture=True) for k, hk in h.items()}
+        cap = {k: run_block(block, mlp, hk, chunk, capture=True) for k, hk in h.items()}
         (_, x, y), (_, xs, ys), (_, xr, yr) = cap["fit"], cap["select"], cap["report"]
         torch.manual_seed(seed + i)
         tree = build_ffn(new_cfg)
@@ -548,7 +538,7 @@ def _convert_layers(model, new_cfg: Config, parts: dict[str, torch.Tensor], step
         tree.requires_grad_(True)
         model.replace_ffn(i, tree)
         if stream == "student":
-            h = {k: _run_block(block, tree, hk, chunk, capture=False) for k, hk in h.items()}
+            h = {k: run_block(block, tree, hk, chunk, capture=False) for k, hk in h.items()}
         else:
             h = {k: c[0] for k, c in cap.items()}
         res = {"layer": i, **{k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()},
@@ -585,7 +575,7 @@ def convert(src: str | Path, out: str | Path, overrides: dict | None = None, dat
     seq_len = min(seq_len, cfg.model.seq_len)
     parts, offsets = _corpus_parts(folder, data, cfg.model.vocab_size, tokens, val_fraction, seq_len, seed)
     n_fit, n_sel = parts["fit"].numel(), parts["select"].numel()
-    dense_loss = _lm_loss(model, parts["report"])
+    dense_loss = windows_loss(model, parts["report"])
     t = new_cfg.tree
     probe = build_ffn(new_cfg)
     active = probe.active_units() / probe.total_units()
@@ -596,7 +586,7 @@ def convert(src: str | Path, out: str | Path, overrides: dict | None = None, dat
     layers = _convert_layers(model, new_cfg, parts, steps, init, stream, lr, batch, seed, impl, progress, log)
     model.cfg = new_cfg
     model.eval()
-    tree_loss = _lm_loss(model, parts["report"])
+    tree_loss = windows_loss(model, parts["report"])
     summary = {
         "source": str(folder), "out": str(out), "tree": f"{t.trees}x{t.depth}", "node_width": t.node_width,
         "activation": t.activation, "placement": t.placement, "init": init, "stream": stream, "steps": steps,

@@ -132,3 +132,15 @@ def decode_speed(model, prompt_len: int = 64, new_tokens: int = 64, batch: int =
         model.generate(prompt, new_tokens)
         best = min(best, time.perf_counter() - t)
     return batch * new_tokens / best
+
+
+@torch.no_grad()
+def windows_loss(model, windows: torch.Tensor, chunk: int = 8) -> float:
+    """Mean next-token loss of ``model`` over token windows (W, T+1), ``chunk`` windows per forward pass."""
+    tot, n = 0.0, 0
+    for s in range(0, windows.shape[0], chunk):
+        w = windows[s:s + chunk]
+        out = model(w[:, :-1], targets=w[:, 1:])
+        tot += float(out.lm_loss) * w[:, 1:].numel()
+        n += w[:, 1:].numel()
+    return tot / max(n, 1)

@@ -32,8 +32,9 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from .checkpoint import load_model, resolve, save_checkpoint_dir
-from .convert import corpus_windows
+from .convert import corpus_windows, run_block
 from .errors import CheckpointError, ConfigError
+from .evaluate import windows_loss
 from .layers import DenseMLP, SwiGLU, build_ffn
 from .layers.sparse_mlp import METHODS, sparse_config
 from .model import GPT
@@ -76,36 +77,6 @@ def corpus_parts(folder: Path, data, vocab_size: int, tokens: int, heldout_token
 
 
 @torch.no_grad()
-def run_block(block, h: torch.Tensor, chunk: int, capture=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Block output for every window (chunked); with ``capture`` (a module), also the inputs (M, D) it received."""
-    xs, outs = [], []
-    handle = None
-    if capture is not None:
-        handle = capture.register_forward_pre_hook(lambda mod, args: xs.append(args[0].reshape(-1,
-                                                                                                 args[0].shape[-1])))
-    try:
-        for s in range(0, h.shape[0], chunk):
-            hc = h[s:s + chunk]
-            pos = torch.arange(hc.shape[1]).expand(hc.shape[0], -1)
-            outs.append(block(hc, pos, None, None, True)[0])
-    finally:
-        if handle is not None:
-            handle.remove()
-    return torch.cat(outs), (torch.cat(xs) if capture is not None else None)
-
-
-@torch.no_grad()
-def lm_loss(model, windows: torch.Tensor, chunk: int = 8) -> float:
-    tot, n = 0.0, 0
-    for s in range(0, windows.shape[0], chunk):
-        w = windows[s:s + chunk]
-        out = model(w[:, :-1], targets=w[:, 1:])
-        tot += float(out.lm_loss) * w[:, 1:].numel()
-        n += w[:, 1:].numel()
-    return tot / max(n, 1)
-
-
-@torch.no_grad()
 def calibrate_layers(model: GPT, new_cfg, windows: torch.Tensor, seed: int, progress: bool, log) -> list[dict]:
     """Replace every block's MLP by its sparse twin, calibrated on the inputs it receives from the (already
     sparsified) blocks before it; returns the thresholds and the calibration-token active fraction per layer."""
@@ -115,14 +86,14 @@ def calibrate_layers(model: GPT, new_cfg, windows: torch.Tensor, seed: int, prog
     bar = tqdm(total=len(model.blocks), desc="sparsify", disable=not progress, file=sys.stderr, unit="layer")
     for i, block in enumerate(model.blocks):
         dense = model.ffn_modules()[i]
-        _, x = run_block(block, h, chunk, capture=dense)
+        _, x, _ = run_block(block, dense, h, chunk, capture=True)
         sparse = build_ffn(new_cfg)
         sparse.load_state_dict(dense.state_dict(), strict=False)  # the same weights; the thresholds are new
         sparse.eval()
         thresholds = sparse.calibrate(x, seed=seed + 2 * i)
         n_in, n_mid, n = sparse.kept_counts(x)
         model.replace_ffn(i, sparse)
-        h, _ = run_block(block, h, chunk)
+        h = run_block(block, None, h, chunk, capture=False)
         res = {"layer": i, **{k: round(v, 6) for k, v in thresholds.items()},
                "calibration_active": round(n_mid / (n * sparse.hidden), 4)}
         layers.append(res)
@@ -153,7 +124,7 @@ def measure(model: GPT, windows: torch.Tensor) -> tuple[float, list[dict]]:
     for i, f in enumerate(model.ffn_modules()):
         handles.append(f.register_forward_hook(hook(i)))
     try:
-        loss = lm_loss(model, windows)
+        loss = windows_loss(model, windows)
     finally:
         for hd in handles:
             hd.remove()
@@ -181,7 +152,7 @@ def sparsify(src: str | Path, out: str | Path, method: str = "teal", active: flo
     seq_len = min(seq_len, cfg.model.seq_len)
     parts, offsets = corpus_parts(folder, data, cfg.model.vocab_size, tokens, heldout_tokens, seq_len, seed)
     n_cal, n_held = parts["calibrate"].numel(), parts["heldout"].numel()
-    dense_loss = lm_loss(model, parts["heldout"])
+    dense_loss = windows_loss(model, parts["heldout"])
     dense_flops = model.flops_per_token()["ffn"]
     log(f"sparsifying {folder} ({cfg.describe()}) with {method} to {active:.1%} active units; {n_cal} calibration "
         f"and {n_held} held-out tokens (disjoint windows)")
