@@ -28,6 +28,8 @@ TINY = {
     "mod": ["--preset", "debug", "--prompt", "4", "--new", "3", "--decode-batch", "1", "--batch", "1",
             "--seq-len", "8", "--warmup", "0", "--repeats", "1", "--router-steps", "1"],
     "balance": ["--d-model", "16", "--configs", "1x2", "--tokens", "16", "--repeats", "1"],
+    "sparse-mlp": ["--d-model", "16", "--hidden", "32", "--active", "0.5", "--repeats", "3", "--budget-s", "0.05",
+                   "--llc-mb", "1", "--paths", "kernel,masked"],
 }
 
 
@@ -110,6 +112,17 @@ def test_train_ffn_and_balance_baselines_are_the_shipped_layers():
     assert (type(b["tree-none"]), b["tree-none"].balance, b["tree-threshold"].balance) == (TreeFFN, "none",
                                                                                              "threshold")
     torch.testing.assert_close(b["tree-none"].w_in, b["tree-threshold"].w_in)  # same weights, only routing differs
+
+
+def test_sparse_mlp_layers_are_the_shipped_ones():
+    from treeffn.bench import sparse_mlp
+    from treeffn.layers.dense import SwiGLU
+    from treeffn.layers.sparse_mlp import SparseSwiGLU
+
+    dense = sparse_mlp.dense_layer("swiglu", 16, 32)
+    assert type(dense) is SwiGLU
+    s = sparse_mlp.sparse_layer(dense, "swiglu", "teal", 0.5, torch.randn(256, 16))
+    assert type(s) is SparseSwiGLU and torch.equal(s.w2.weight, dense.w2.weight) and float(s.threshold_mid) > 0
 
 
 def test_generate_twins_are_shipped_models():

@@ -198,3 +198,68 @@ def test_output_guard(swiglu_run, sample_data, tmp_path, capsys):
     capsys.readouterr()
     assert rc(tmp_path / "s") == 2 and "--overwrite" in capsys.readouterr().err
     assert rc(tmp_path / "s", "--overwrite") == 0
+
+
+# ---- the gathered sparse GEMV kernel against the masked reference ------------------------------------------------
+def _kernel_or_skip():
+    from treeffn.kernels import sparse_mlp as kernel
+
+    if kernel.extension() is None:  # TREEFFN_REQUIRE_EXT (CI) turns this into an error instead
+        pytest.skip("the sparse GEMV extension could not be built")
+    return kernel
+
+
+def _sparse_layer(mlp, method, active, D=256, H=1024):
+    from treeffn.layers.sparse_mlp import SparseDenseMLP, SparseSwiGLU
+
+    torch.manual_seed(0)
+    f = SparseSwiGLU(D, H, method, active) if mlp == "swiglu" else SparseDenseMLP(D, H, method, active)
+    with torch.no_grad():  # non-zero biases, so the kernel's bias handling is exercised
+        for p in f.parameters():
+            if p.dim() == 1:
+                p.normal_()
+    f.eval().calibrate(torch.randn(1024, D))
+    return f
+
+
+@pytest.mark.parametrize("mlp", ["swiglu", "dense"])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("active", [0.5, 0.1])
+def test_sparse_gemv_kernel_matches_the_masked_reference(mlp, method, active):
+    _kernel_or_skip()
+    f = _sparse_layer(mlp, method, active)
+    x = torch.randn(6, 256)
+    threads = torch.get_num_threads()
+    with torch.no_grad():
+        ref = f._project(f.sparse_hidden(x)[0])
+        y = f.forward_kernel(x)
+        torch.testing.assert_close(y, ref, atol=2e-5, rtol=1e-4)
+        try:  # the same bits whatever the thread count (the parallel split is by columns or rows, never a sum)
+            torch.set_num_threads(1)
+            assert torch.equal(f.forward_kernel(x), y)
+        finally:
+            torch.set_num_threads(threads)
+        _, keep_in, keep = f.sparse_hidden(x)
+    assert 0 < float(keep.float().mean()) < 1 and (keep_in is None or 0 < float(keep_in.float().mean()) < 1)
+
+
+def test_module_runs_the_kernel_at_batch_one_without_autograd(monkeypatch):
+    kernel = _kernel_or_skip()
+    import treeffn.layers.sparse_mlp as sm
+
+    calls = []
+    monkeypatch.setattr(sm, "sparse_gemv", lambda *a, **k: calls.append(1) or kernel.sparse_gemv(*a, **k))
+    f = _sparse_layer("swiglu", "teal", 0.25)
+    x = torch.randn(1, 1, 256)
+    with torch.no_grad():
+        y = f(x)[0]
+        assert len(calls) == 1 and y.shape == x.shape
+        torch.testing.assert_close(y, f._project(f.sparse_hidden(x)[0]), atol=2e-5, rtol=1e-4)
+        f(torch.randn(2, 256))  # more than GATHER_MAX_TOKENS tokens: the masked product
+        assert len(calls) == 1
+    y = f(x)[0]  # autograd recording: the masked reference, differentiable
+    assert len(calls) == 1 and y.requires_grad
+    with torch.no_grad():  # the kernel's weight tables follow an in-place change of the weights
+        f.w2.weight.mul_(2.0)
+        f.threshold_mid.mul_(0.5)
+        torch.testing.assert_close(f(x)[0], f._project(f.sparse_hidden(x)[0]), atol=4e-5, rtol=1e-4)

@@ -18,6 +18,7 @@ from .bench import balance as bench_balance
 from .bench import generate as bench_generate
 from .bench import layer as bench_layer
 from .bench import mod as bench_mod
+from .bench import sparse_mlp as bench_sparse_mlp
 from .bench import train_ffn as bench_train_ffn
 from .config import PRESETS, assemble_config, get_config, public_keys
 from .data import load_meta, prepare, prepare_sample, resolve_data
@@ -34,6 +35,7 @@ BENCHES = {
     "layer": (bench_layer, "per-layer inference: fused tree kernel vs dense, MoE and other tree paths"),
     "generate": (bench_generate, "end-to-end decoding and prefill tokens/s, tree model vs its dense twin"),
     "mod": (bench_mod, "Mixture-of-Depths training step and decoding vs the same model without MoD"),
+    "sparse-mlp": (bench_sparse_mlp, "training-free sparse MLPs (TEAL, CATS, WINA): gathered kernel vs dense MLP"),
     "balance": (bench_balance, "training step of the tree layer with and without routing thresholds"),
 }
 

@@ -43,6 +43,7 @@ what they compare (``speedup_vs_dense``). Values are finite numbers, strings, bo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -470,6 +471,19 @@ def parse_choices(allowed: Sequence[str]) -> Callable[[str], list[str]]:
                                              f"(got '{text}')")
         return names
     return parse
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """``torch.set_num_threads(n)`` for the duration (n ≤ 0: unchanged), then the caller's setting back (the smoke
+    tests run benchmarks inside pytest)."""
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def drop_unbuilt_cpp(impls: list[str], extension, notes: list[str]) -> None:

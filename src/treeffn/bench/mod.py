@@ -47,7 +47,7 @@ import torch
 from ..config import get_config, parse_overrides
 from ..mod import RoutedBlock
 from ..model import GPT, KVCache, build_model, sample_next
-from .common import env_line, environment, measure, print_json, row
+from .common import env_line, environment, measure, print_json, row, torch_threads
 
 TARGET_DECODE_SPEEDUP = 1.4
 TARGET_TRAIN_RATIO = 0.7
@@ -169,13 +169,8 @@ def decode_routed_fraction(model: GPT, prompt: torch.Tensor, new: int, stream: t
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return _run(args)
-    finally:
-        torch.set_num_threads(threads)  # leave the caller's process as it was (the smoke test runs in pytest)
 
 
 def _time_decoding(args, base: GPT, mod: GPT, vocab: int, g: torch.Generator, decode_batches: list[int]) -> list:

@@ -52,6 +52,7 @@ from .common import (
     env_line,
     environment,
     measure,
+    parse_choices,
     parse_configs,
     parse_ints,
     print_json,
@@ -67,16 +68,6 @@ IMPLS = ("dense", "tree-cpp", "tree-torch", "reference")
 
 
 
-def _parse_choices(choices):
-    def parse(text: str) -> list[str]:
-        vals = [v.strip() for v in text.split(",") if v.strip()]
-        bad = [v for v in vals if v not in choices]
-        if bad or not vals:
-            raise argparse.ArgumentTypeError(f"choose from {', '.join(choices)} (got '{text}')")
-        return vals
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="treeffn bench train-ffn",
@@ -89,10 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--d-model", type=parse_ints, default="512,768", help="comma-separated model widths D")
     p.add_argument("--configs", type=parse_configs, default="1x11,8x8,16x7,32x6",
                    help="comma-separated KxDEPTH tree configurations (K trees of the given depth, 1 unit per node)")
-    p.add_argument("--dtypes", type=_parse_choices(tuple(DTYPES)), default="fp32,bf16",
+    p.add_argument("--dtypes", type=parse_choices(tuple(DTYPES)), default="fp32,bf16",
                    help="comma-separated dtypes of weights and activations (bf16 tree kernels accumulate in fp32)")
     p.add_argument("--tokens", type=int, default=4096, help="tokens per call M (batch × sequence, flattened)")
-    p.add_argument("--impls", type=_parse_choices(IMPLS), default=",".join(IMPLS),
+    p.add_argument("--impls", type=parse_choices(IMPLS), default=",".join(IMPLS),
                    help="comma-separated subset of implementations to time")
     p.add_argument("--skip-bf16-baselines", action="store_true",
                    help="time the dense MLP and the masked reference in fp32 only; bf16 tree rows are then compared "

@@ -33,9 +33,14 @@ is kept when its magnitude (score) is strictly above the threshold. With F = 1 t
 
 Cost (``flops_per_token``, 2 per multiply-add, selection and comparisons not counted): TEAL and WINA compute every
 matrix on a fraction F of its input coordinates, F times the dense cost; CATS computes W1 in full and W3 and W2 for
-the kept units only, 2·D·H·(1 + 2F) for SwiGLU and 2·D·H·(1 + F) for a dense MLP. The forward is the masked
-dense reference (every product computed, the dropped ones zeroed); :meth:`SparsityMixin.forward_gathered` is the
-batch-1 path that reads only the kept columns and rows (``index_select``; a sparse GEMV kernel is a later step).
+the kept units only, 2·D·H·(1 + 2F) for SwiGLU and 2·D·H·(1 + F) for a dense MLP.
+
+Paths: with autograd recording, or more than ``GATHER_MAX_TOKENS`` tokens, the forward is the masked dense reference
+(every product computed, the dropped ones zeroed). Without autograd (generation, evaluation) and at most that many
+tokens, a CPU fp32 call goes to the gathered sparse GEMV kernel (:mod:`treeffn.kernels.sparse_mlp`), which reads only
+the kept rows of transposed copies of the weights, built on the first such call and rebuilt when the weights
+change; that is where the sparsity turns into speed (``treeffn bench sparse-mlp``).
+:meth:`SparsityMixin.forward_gathered` is a second reference of the gathered computation (``index_select``).
 """
 
 from __future__ import annotations
@@ -48,12 +53,16 @@ from torch import nn
 
 from ..config import Config
 from ..errors import ConfigError
+from ..kernels.sparse_mlp import sparse_gemv, tables
 from .dense import DenseMLP, SwiGLU
 from .registry import INIT_STD, FFNVariant, residual_std
 
 METHODS = ("teal", "cats", "wina")
 MLPS = ("swiglu", "dense")
 _MAX_QUANTILE_VALUES = 1 << 24  # magnitudes a threshold is estimated from (a fixed random subset above this)
+# Tokens per call up to which the gathered kernel runs: each token reads its own rows, so beyond a few tokens the
+# masked dense product, which reads every weight once for the whole batch, is faster (`treeffn bench sparse-mlp`).
+GATHER_MAX_TOKENS = 1
 
 
 @dataclass
@@ -160,7 +169,45 @@ class SparsityMixin:
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
         if self.active >= 1.0:
             return self.dense_forward(x), {}
+        if not torch.is_grad_enabled() and x.numel() <= GATHER_MAX_TOKENS * self.d_model:
+            y = self.forward_kernel(x)
+            if y is not None:
+                return y, {}
         return self._project(self.sparse_hidden(x)[0]), {}
+
+    def forward_kernel(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The gathered sparse GEMV kernel on x (..., D), or None where it does not apply (not CPU fp32, or the
+        extension unavailable). Inference only: no gradient flows through it."""
+        if not x.is_cpu or x.dtype != torch.float32:
+            return None
+        t = self._kernel_tables()
+        return sparse_gemv(x, self.method, t["w_in"], t["w_out_t"], t["b_in"], t["b_out"], len(self._in_weights()),
+                           getattr(self, "activation", "silu"), t["t_in"], t["t_mid"], t["norm_in"], t["norm_mid"],
+                           self.k_in, self.k_mid)
+
+    def _kernel_tables(self) -> dict:
+        """The kernel's weight tables and scalars, rebuilt when a weight or threshold has changed."""
+        watched = [*self._in_weights(), self._out_weight(), *self.buffers(), *self._biases()]
+        key = tuple((t.data_ptr(), t._version) for t in watched)
+        cached = self.__dict__.get("_gemv_cache")
+        if cached is None or cached[0] != key:
+            w_in, w_out_t = tables(self.method, self._in_weights(), self._out_weight())
+            b_in, b_out = self._biases_or_none()
+            value = {"w_in": w_in, "w_out_t": w_out_t,
+                     "b_in": None if b_in is None else b_in.detach().float().contiguous(),
+                     "b_out": None if b_out is None else b_out.detach().float().contiguous(),
+                     "t_in": float(self.threshold_in) if hasattr(self, "threshold_in") else 0.0,
+                     "t_mid": float(self.threshold_mid) if hasattr(self, "threshold_mid") else 0.0,
+                     "norm_in": self.norm_in.float().contiguous() if self.method == "wina" else None,
+                     "norm_mid": self.norm_mid.float().contiguous() if self.method == "wina" else None}
+            self.__dict__["_gemv_cache"] = cached = (key, value)
+        return cached[1]
+
+    def _biases(self) -> list[torch.Tensor]:
+        return [b for b in self._biases_or_none() if b is not None]
+
+    def _biases_or_none(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # (b1, b2)
+        return None, None
 
     # ---- calibration and measurement -------------------------------------------------------------------------
     @torch.no_grad()
@@ -282,6 +329,9 @@ class SparseDenseMLP(SparsityMixin, DenseMLP):
 
     def _hidden_from(self, g, xs, cols, units):
         return g if units is None else g.index_select(0, units)
+
+    def _biases_or_none(self):
+        return self.fc_in.bias, self.fc_out.bias
 
     def _project_units(self, h, units):
         y = self._read(self.fc_out.weight, None, units) @ h
