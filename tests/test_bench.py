@@ -324,3 +324,25 @@ def test_print_json_writes_strict_json_and_check_record_rejects_departures(capsy
     bad["results"][0]["metrics"]["ratio"] = float("inf")
     with pytest.raises(ValueError, match="inf"):
         common.check_record(bad)
+
+
+def test_tree_weight_bytes_read_counts_the_visited_nodes():
+    t = common.tree_ffn(16, 3, 4)
+    K, L, N, W, D = 3, 5, 31, 1, 16
+    assert t.weight_bytes_read(1) == pytest.approx(K * L * 2 * W * D * 4)  # one token: its path's rows
+    assert t.weight_bytes_read(10 ** 6) == pytest.approx(K * N * 2 * W * D * 4)  # every node, once
+    assert t.weight_bytes_read(1) < t.weight_bytes_read(4) < t.weight_bytes_read(64)
+
+
+def test_generate_decode_bytes_and_shares():
+    dense, tree = generate.make_twins("debug", {})
+    for b in (1, 8):
+        assert generate.decode_bytes(tree, b, 8, 8) < generate.decode_bytes(dense, b, 8, 8)
+    # the KV cache grows with the batch and the context, alike in both models
+    kv = generate.decode_bytes(dense, 2, 8, 8) - generate.decode_bytes(dense, 1, 8, 8)
+    assert kv == pytest.approx(generate.decode_bytes(tree, 2, 8, 8) - generate.decode_bytes(tree, 1, 8, 8)
+                               - (tree.ffn_modules()[0].weight_bytes_read(2)
+                                  - tree.ffn_modules()[0].weight_bytes_read(1)) * len(tree.blocks))
+    shares = generate.decode_shares(tree, 2, 4, 6)
+    assert sum(shares[c] for c in generate.COMPONENTS) == pytest.approx(1.0, abs=1e-6)
+    assert all(shares[c] >= 0 for c in generate.COMPONENTS) and shares["ms_per_step"] > 0

@@ -10,11 +10,27 @@ both models, interleaved, ``--warmup`` untimed rounds then ``--repeats`` timed o
 generate call's median minus the prefill's. JSON rows (schema of ``bench/common.py``): ``case`` {batch, phase
 prefill | generate, prompt, new}, ``impl`` dense | tree, ``metrics`` {prefill_tok_s, prefill_ratio} or
 {decode_tok_s, decode_ratio, ideal_ratio_flops}.
+
+``ideal (bytes)``: the ratio of the bytes a decoding step reads from memory, analytic — every weight of the model
+once per step (the embedding: only the rows of the batch's tokens; tree layers: the nodes the batch visits, uniform
+routing assumed, ``TreeLayer.weight_bytes_read``) plus the KV cache (keys and values of every layer at the mean
+context of the decoding steps), which both models read alike. At batch 1 both ceilings agree; at larger batches
+the dense model's weight reads are shared by the batch while the KV cache grows with it, so decoding becomes bound by
+memory traffic and the bytes ceiling, not the FLOP one, is what a faster tree layer can approach.
+
+Where decoding time goes (``--shares``, on by default; after the timed rounds, one more generate call per model
+and batch): forward hooks time every attention module, every feed-forward module (the tree layers or the dense
+MLPs) and the output layer during the decoding steps (one-token calls), and "other" is the rest of the decoding
+time (embedding, norms, residual adds, sampling and the Python of the decode loop and the blocks), from the start
+of the first one-token attention call to the end of the generate call. Hooks cost a
+few µs per call, counted in the module they wrap. Printed as a second table, and in the JSON ``summary.shares``
+{batch: {model: {component: fraction, "ms_per_step": …}}}.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 
@@ -48,6 +64,69 @@ def calls(model: GPT, batch: int, prompt: int, new: int) -> dict:
     return {"prefill": prefill, "generate": generate}
 
 
+COMPONENTS = ("attention", "ffn", "output layer", "other")
+
+
+def decode_bytes(model: GPT, batch: int, prompt: int, new: int) -> float:
+    """Analytic bytes one decoding step of ``batch`` sequences reads: the weights (feed-forward layers through their
+    ``weight_bytes_read`` when they have one, the embedding's ``batch`` rows), once per step, plus the KV cache at
+    the mean context of the decoding steps."""
+    m = model.cfg.model
+    ffn_params = {id(p) for f in model.ffn_modules() for p in f.parameters()}
+    emb = model.tok_emb.weight
+    total = 0.0
+    for p in model.parameters():  # each tensor once (a tied output layer is the embedding)
+        if id(p) in ffn_params or p is emb:
+            continue
+        total += p.numel() * p.element_size()
+    if model.lm_head.weight is emb:  # tied: the output layer reads the whole table
+        total += emb.numel() * emb.element_size()
+    else:  # the embedding reads the batch's rows
+        total += batch * emb.shape[1] * emb.element_size()
+    for f in model.ffn_modules():
+        read = getattr(f, "weight_bytes_read", None)
+        total += read(batch) if read else sum(p.numel() * p.element_size() for p in f.parameters())
+    context = prompt + new / 2
+    total += len(model.blocks) * 2 * batch * context * m.kv_heads * m.head_dim * emb.element_size()
+    return total
+
+
+@torch.no_grad()
+def decode_shares(model: GPT, batch: int, prompt: int, new: int) -> dict:
+    """Fraction of decoding time (one-token forward calls) spent in attention, the feed-forward layers, the output
+    layer and everything else, from one generate call with timing hooks; plus milliseconds per decoding step."""
+    spent = dict.fromkeys(COMPONENTS[:-1], 0.0)
+    start: dict[int, float] = {}
+    first: list[float] = []  # when the first decoding step began
+
+    def pre(mod, args):
+        if args and args[0].dim() >= 2 and args[0].shape[-2] == 1:  # a decoding step: one new position
+            start[id(mod)] = time.perf_counter()
+            if not first:
+                first.append(start[id(mod)])
+
+    def post(name):
+        def hook(mod, args, out):
+            if id(mod) in start:
+                spent[name] += time.perf_counter() - start.pop(id(mod))
+        return hook
+
+    modules = [("attention", b.attn) for b in model.blocks] + [("ffn", b.ffn) for b in model.blocks]
+    modules.append(("output layer", model.lm_head))
+    handles = [h for name, m in modules for h in (m.register_forward_pre_hook(pre),
+                                                 m.register_forward_hook(post(name)))]
+    try:
+        calls(model, batch, prompt, new)["generate"]()
+        end = time.perf_counter()
+    finally:
+        for h in handles:
+            h.remove()
+    decode_s = max(1e-9, end - first[0]) if first else 1e-9
+    spent["other"] = max(0.0, decode_s - sum(spent.values()))
+    steps = max(1, new - 1)
+    return {**{k: v / decode_s for k, v in spent.items()}, "ms_per_step": decode_s / steps * 1e3}
+
+
 def _fmt(v: float | None, spec: str, suffix: str = "") -> str:
     return "-" if v is None else f"{v:{spec}}{suffix}"
 
@@ -64,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing (default 1)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds, the median is reported (default 3)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--no-shares", dest="shares", action="store_false",
+                   help="skip the breakdown of decoding time by component")
     args = p.parse_args(argv)
     overrides = parse_overrides(args.overrides)
     if args.prompt + args.new > get_config(args.preset, overrides).model.seq_len:
@@ -102,12 +183,24 @@ def main(argv: list[str] | None = None) -> int:
             results.append(row({"batch": b, "phase": "generate", "prompt": args.prompt, "new": args.new}, name,
                                t[f"{name}/generate"], decode_tok_s=decode[name],
                                decode_ratio=ratio[name], ideal_ratio_flops=ideal))
+        ideal_bytes = decode_bytes(dense, b, args.prompt, args.new) / decode_bytes(tree, b, args.prompt, args.new)
+        results[-1]["metrics"]["ideal_ratio_bytes"] = round(ideal_bytes, 4)
         rows.append([b, f"{prefill['dense']:,.0f}", f"{prefill['tree']:,.0f}",
                      f"{prefill['tree'] / prefill['dense']:.2f}x", _fmt(decode["dense"], ",.1f"),
-                     _fmt(decode["tree"], ",.1f"), _fmt(ratio["tree"], ".2f", "x"), f"{ideal:.2f}x"])
+                     _fmt(decode["tree"], ",.1f"), _fmt(ratio["tree"], ".2f", "x"), f"{ideal:.2f}x",
+                     f"{ideal_bytes:.2f}x"])
     print_table(["batch", "dense prefill tok/s", "tree prefill tok/s", "ratio", "dense decode tok/s",
-                 "tree decode tok/s", "ratio", "ideal (FLOPs)"], rows)
-    print_json("generate", env, settings, results,
-               summary={"flops_per_token": {"dense": f_dense, "tree": f_tree}, "ideal_ratio_flops": ideal},
-               notes=notes)
+                 "tree decode tok/s", "ratio", "ideal (FLOPs)", "ideal (bytes)"], rows)
+    summary = {"flops_per_token": {"dense": f_dense, "tree": f_tree}, "ideal_ratio_flops": ideal}
+    if args.shares:
+        shares = {b: {name: decode_shares(m, b, args.prompt, args.new) for name, m in (("dense", dense),
+                                                                                       ("tree", tree))}
+                  for b in batches}
+        print("\nshare of decoding time (one generate call per model with timing hooks; ms per decoding step of "
+              "the whole batch)")
+        print_table(["batch", "model", *COMPONENTS, "ms/step"],
+                    [[b, name, *(f"{sh[c]:.1%}" for c in COMPONENTS), f"{sh['ms_per_step']:.2f}"]
+                     for b, per in shares.items() for name, sh in per.items()])
+        summary["shares"] = {str(b): per for b, per in shares.items()}
+    print_json("generate", env, settings, results, summary=summary, notes=notes)
     return 0

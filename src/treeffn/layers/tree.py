@@ -175,6 +175,15 @@ class TreeLayer(nn.Module):
         """Inference multiply-adds ×2 over the visited units (routing sums and φ are O(units), not counted)."""
         return 2.0 * 2.0 * self.active_units() * self.d_model
 
+    def weight_bytes_read(self, tokens: int) -> float:
+        """Expected bytes of input and output vectors one call on ``tokens`` tokens reads, if routing is uniform
+        (every node sends half its tokens each way, as routing thresholds make it): a node at level t is visited by
+        at least one of the tokens with probability 1 − (1 − 2^−t)^tokens, and a visited node's W·D input and W·D
+        output weights are read once per call."""
+        nodes = sum(2 ** t * (1.0 - (1.0 - 2.0 ** -t) ** tokens) for t in range(self.depth + 1))
+        elem = next(self.parameters()).element_size()
+        return self.trees * nodes * 2 * self.node_width * self.d_model * elem
+
     def paths(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
