@@ -263,3 +263,14 @@ def test_module_runs_the_kernel_at_batch_one_without_autograd(monkeypatch):
         f.w2.weight.mul_(2.0)
         f.threshold_mid.mul_(0.5)
         torch.testing.assert_close(f(x)[0], f._project(f.sparse_hidden(x)[0]), atol=4e-5, rtol=1e-4)
+
+
+def test_kernel_under_inference_mode_and_recalibration():
+    _kernel_or_skip()
+    with torch.inference_mode():  # a model built and used under inference mode: its tensors have no versions
+        f = _sparse_layer("dense", "cats", 0.5, D=64, H=128)
+        x = torch.randn(1, 64)
+        torch.testing.assert_close(f(x)[0], f._project(f.sparse_hidden(x)[0]), atol=2e-5, rtol=1e-4)
+        f.active = 0.1  # recalibrating to another fraction reaches the kernel's cached thresholds too
+        f.calibrate(torch.randn(1024, 64))
+        torch.testing.assert_close(f(x)[0], f._project(f.sparse_hidden(x)[0]), atol=2e-5, rtol=1e-4)

@@ -94,6 +94,12 @@ def magnitude_quantile(values: torch.Tensor, keep: float, seed: int = 0) -> floa
     return float(v.kthvalue(k).values)
 
 
+def _version(t: torch.Tensor) -> int:
+    """The in-place version counter of t; -1 for inference tensors, which have none (and cannot be modified in
+    place outside inference mode, so their storage address identifies their contents)."""
+    return -1 if t.is_inference() else t._version
+
+
 def _top_k_mask(score: torch.Tensor, k: int) -> torch.Tensor:
     idx = score.topk(k, dim=-1).indices
     return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, idx, True)
@@ -136,6 +142,7 @@ class SparsityMixin:
     @torch.no_grad()
     def refresh_norms(self) -> None:
         """WINA's column norms from the current weights (call after changing them)."""
+        self.__dict__.pop("_gemv_cache", None)
         w_in = torch.cat([w.detach().float() for w in self._in_weights()], 0)  # (n·H, D)
         self.norm_in.copy_(w_in.norm(dim=0))
         self.norm_mid.copy_(self._out_weight().detach().float().norm(dim=0))
@@ -186,9 +193,11 @@ class SparsityMixin:
                            self.k_in, self.k_mid)
 
     def _kernel_tables(self) -> dict:
-        """The kernel's weight tables and scalars, rebuilt when a weight or threshold has changed."""
+        """The kernel's weight tables and scalars, rebuilt when a weight or threshold has changed: replaced, changed
+        in place (version counter), or recalibrated. Inference tensors have no version counter: after changing one
+        in place inside ``torch.inference_mode()``, call :meth:`calibrate` or :meth:`refresh_norms`."""
         watched = [*self._in_weights(), self._out_weight(), *self.buffers(), *self._biases()]
-        key = tuple((t.data_ptr(), t._version) for t in watched)
+        key = tuple((t.data_ptr(), _version(t)) for t in watched)
         cached = self.__dict__.get("_gemv_cache")
         if cached is None or cached[0] != key:
             w_in, w_out_t = tables(self.method, self._in_weights(), self._out_weight())
@@ -213,6 +222,7 @@ class SparsityMixin:
     @torch.no_grad()
     def calibrate(self, x: torch.Tensor, seed: int = 0) -> dict:
         """Set this layer's thresholds from its inputs x (M, D) so a fraction ``active`` is kept; returns them."""
+        self.__dict__.pop("_gemv_cache", None)
         x = x.reshape(-1, x.shape[-1])
         if self.method == "wina":
             self.refresh_norms()
