@@ -87,14 +87,17 @@ def run_dir(out: Path, name: str, seed: int, steps: int) -> Path:
 
 
 def code_commit() -> str:
-    """The commit of the treeffn code this process imports, with '+dirty' when its tree has changes."""
+    """The commit of the treeffn code this process imports, with '+dirty' when its code (src/, experiments/,
+    pyproject.toml) has uncommitted changes."""
     import treeffn
 
     src = Path(treeffn.__file__).resolve().parent
     try:
         head = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
+        # code only: the study's own outputs under docs/ change while it runs
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no", "--",
+                                ":/src", ":/experiments", ":/pyproject.toml"],
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

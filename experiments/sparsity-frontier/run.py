@@ -81,8 +81,9 @@ def plan(fractions, ft_steps: int) -> dict[str, dict]:
 def commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/src",
+                                ":/experiments", ":/pyproject.toml"], cwd=ROOT, capture_output=True,
+                               text=True).stdout.strip()  # code only: the study writes docs/ itself
         return out.stdout.strip() + ("+dirty" if dirty else "")
     except OSError:
         return "unknown"
