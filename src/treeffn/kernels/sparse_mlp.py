@@ -21,17 +21,11 @@ from .build import load_extension
 
 METHOD_CODE = {"teal": 0, "cats": 1, "wina": 2}
 
-_ext = None
-_ext_tried = False
-
 
 def extension():
-    """The compiled kernel module, or ``None`` (with one warning from the loader) when it cannot be built."""
-    global _ext, _ext_tried
-    if not _ext_tried:
-        _ext = load_extension("sparse_mlp")
-        _ext_tried = True
-    return _ext
+    """The compiled kernel module (built once, then cached by the loader), or ``None`` (with one warning from the
+    loader) when it cannot be built."""
+    return load_extension("sparse_mlp")
 
 
 @torch.no_grad()
@@ -51,7 +45,7 @@ def sparse_gemv(x: torch.Tensor, method: str, w_in_table: torch.Tensor, w_out_t:
     """y = the sparse MLP of x (..., D), each token reading only its kept rows; ``None`` when the kernel is not
     available or x is not a contiguous fp32 CPU tensor. ``n_in`` is 2 for SwiGLU, 1 for a dense MLP (whose
     ``activation`` and biases apply); thresholds are TEAL's/CATS's, norms and k WINA's."""
-    ext = _ext if _ext_tried else extension()
+    ext = extension()
     if ext is None or not x.is_cpu or x.dtype != torch.float32:
         return None
     return ext.forward(x.contiguous(), w_in_table, b_in, w_out_t, b_out, METHOD_CODE[method], n_in,
