@@ -463,6 +463,44 @@ def collapse_facts(r: dict) -> str | None:
     return "; ".join(parts) + "."
 
 
+AUTOPRUNE_STEPS = (20, 50, 100, 300, 600, 1200)
+
+
+def autoprune_contrast(rows: list[dict]) -> list[str]:
+    """DS-26's auto-pruning contrast at this budget — node against output placement, no routing thresholds — as the
+    dead-node fraction over training and at the end; empty until both runs exist."""
+    by = {r["name"]: r for r in rows if r["steps"] == EPOCH and r["seed"] == 0 and r["curves"]["dead"]}
+    pair = [by.get("tree-node-faithful"), by.get("tree-output-faithful")]
+    if None in pair:
+        return []
+
+    def at(r: dict, step: int) -> float:
+        st, v = min(r["curves"]["dead"], key=lambda e: abs(e[0] - step))
+        return _mean(v)
+
+    out = ["", "DS-26's auto-pruning contrast at this budget, node against output placement without routing thresholds "
+           "(dead nodes: fraction of a layer's nodes that no token of the logged training batch reached, mean of the "
+           "layers, at the logged step nearest each mark; end: on validation, worst layer):", "",
+           "| run | " + " | ".join(f"step {s}" for s in AUTOPRUNE_STEPS) + " | end (validation) |",
+           "|---|" + "---:|" * (len(AUTOPRUNE_STEPS) + 1)]
+    ends = []
+    for r in pair:
+        end = r.get("eval", {}).get("routing", {}).get("worst", {}).get("dead_nodes")
+        ends.append(end)
+        out.append(f"| {r['name']} | " + " | ".join(f"{at(r, s):.1%}" for s in AUTOPRUNE_STEPS)
+                   + f" | {'–' if end is None else f'{end:.1%}'} |")
+    if None not in ends:
+        node, output = ends
+        grows = at(pair[0], EPOCH) > at(pair[0], 100)
+        verdict = ("reproduced" if node - output >= 0.05 and grows else "not reproduced")
+        out += ["", f"DS-26 reports node placement losing paths as training goes on while output placement stays "
+                f"balanced. Here node placement ends with {node:.1%} dead nodes and output placement with "
+                f"{output:.1%}, and node placement's dead fraction {'grows' if grows else 'falls'} from step 100 "
+                f"to the end: the contrast is {verdict} at this budget (criterion: node placement at least 5 points "
+                "more dead nodes at the end than output placement, and growing after step 100)."]
+    return out
+
+
 def val_gap(rows: list[dict], a: str, b: str) -> list[tuple[int, float]]:
     """(tokens, mean val loss of a / mean val loss of b − 1) at every evaluation point both one-epoch runs logged,
     over the seeds both have finished."""
@@ -511,6 +549,7 @@ def reading(rows: list[dict]) -> list[str]:
     cmp("tree-1x7w4", "tree-node", "one tree of 4-unit nodes vs four trees of 1-unit nodes")
     for other in ("moe-top1", "moe-top2", "topk-32of1020"):
         cmp("tree-node", other, "32 active units each")
+    out += autoprune_contrast(rows)
     gaps = val_gap(rows, "tree-node", "dense-1020")
     if gaps:
         out += ["", "tree-node against dense-1020 over the epoch (validation loss at each evaluation, mean over the seeds "
