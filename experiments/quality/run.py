@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -533,8 +534,11 @@ def reading(rows: list[dict]) -> list[str]:
             sds = [statistics.stdev(v) for v in (fin[a], fin[b]) if len(v) > 1]
             if sds:
                 sd = max(max(sds), 1e-9)
-                line += (f" (seeds {len(fin[a])} vs {len(fin[b])}); the difference is {abs(ma - mb) / sd:.1f} seed "
+                line += (f" (seeds {len(fin[a])} vs {len(fin[b])}); the difference is {abs(ma - mb) / sd:.2f} seed "
                          "standard deviations (the larger of those measured)")
+                if len(fin[a]) > 1 and len(fin[b]) > 1:  # Welch's t: the difference over its standard error
+                    se = math.sqrt(statistics.variance(fin[a]) / len(fin[a]) + statistics.variance(fin[b]) / len(fin[b]))
+                    line += f", Welch's t {abs(ma - mb) / max(se, 1e-12):.1f}"
             else:
                 line += " (one seed each)"
             out.append(line)
