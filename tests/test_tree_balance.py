@@ -233,13 +233,13 @@ def test_output_init_matches_the_residual_branches_unless_ufb_is_asked():
     projection; tree.init=ufb: UFB-23's uniform ±1/√(K·L·W)."""
     torch.manual_seed(0)
     cfg = get_config("tiny", {"ffn.kind": "tree"})
-    model = GPT(cfg)
+    model = GPT(cfg).requires_grad_(False)
     want = 0.02 / (2 * cfg.model.n_layer) ** 0.5
     for f in model.ffn_modules():
         assert abs(float(f.w_out.std()) - want) < 0.05 * want
-    dense = GPT(get_config("tiny", {"ffn.kind": "dense"}))
+    dense = GPT(get_config("tiny", {"ffn.kind": "dense"})).requires_grad_(False)
     assert abs(float(dense.ffn_modules()[0].fc_out.weight.std()) - want) < 0.05 * want, "the dense MLP's scale"
-    ufb = GPT(get_config("tiny", {"ffn.kind": "tree", "tree.init": "ufb"}))
+    ufb = GPT(get_config("tiny", {"ffn.kind": "tree", "tree.init": "ufb"})).requires_grad_(False)
     bound = 1 / (cfg.tree.trees * (cfg.tree.depth + 1)) ** 0.5
     w = ufb.ffn_modules()[0].w_out
     assert float(w.abs().max()) <= bound and float(w.abs().max()) > 0.9 * bound
