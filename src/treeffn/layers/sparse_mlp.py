@@ -196,7 +196,7 @@ class SparsityMixin:
         """The kernel's weight tables and scalars, rebuilt when a weight or threshold has changed: replaced, changed
         in place (version counter), or recalibrated. Inference tensors have no version counter: after changing one
         in place inside ``torch.inference_mode()``, call :meth:`calibrate` or :meth:`refresh_norms`."""
-        watched = [*self._in_weights(), self._out_weight(), *self.buffers(), *self._biases()]
+        watched = [*self.parameters(), *self.buffers()]
         key = tuple((t.data_ptr(), _version(t)) for t in watched)
         cached = self.__dict__.get("_gemv_cache")
         if cached is None or cached[0] != key:
@@ -211,9 +211,6 @@ class SparsityMixin:
                      "norm_mid": self.norm_mid.float().contiguous() if self.method == "wina" else None}
             self.__dict__["_gemv_cache"] = cached = (key, value)
         return cached[1]
-
-    def _biases(self) -> list[torch.Tensor]:
-        return [b for b in self._biases_or_none() if b is not None]
 
     def _biases_or_none(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # (b1, b2)
         return None, None
