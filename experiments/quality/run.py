@@ -13,6 +13,7 @@ schedule), the same seed-determined batches and the same token budget; only the 
     tree-node-ufb         neither: the layer exactly as published (UFB-23 / DS-26)
     tree-output(-faithful) φ after the per-tree accumulation (DS-26's balanced variant), with / without thresholds
     tree-1x7w4            one tree of depth 7 with 4 units per node: 32 active of 1,020, contiguous blocks
+    tree-node-children    tree-node routing each token to the child whose unit responds more (``tree.route``)
     topk-32of1020         GELU MLP of 1,020 units keeping its 32 largest activations per token (trained sparsity)
 
     .venv/bin/python experiments/quality/run.py                       # the default plan, in priority order
@@ -67,6 +68,8 @@ RUNS: dict[str, tuple[str, dict]] = {
                              {"ffn.kind": "tree", "tree.placement": "output", "tree.balance": "none"}),
     "tree-1x7w4": ("tree 1x7, 4 units per node, routing thresholds",
                    {"ffn.kind": "tree", "tree.trees": 1, "tree.node_width": 4}),
+    "tree-node-children": ("tree 4x7, node placement, thresholds, routed to the child that responds more",
+                           {"ffn.kind": "tree", "tree.route": "children"}),
     "topk-32of1020": ("GELU MLP of 1,020 units, 32 largest activations kept",
                       {"ffn.kind": "topk", "ffn.hidden": 1020, "topk.active": 32}),
 }
@@ -76,7 +79,7 @@ EPOCH = 1200  # 1,200 × 16 × 256 = 4.9M tokens ≈ one epoch of the default co
 DEFAULT_PLAN = (
     [(n, 0, EPOCH) for n in ("tree-node", "dense-1020", "dense-32", "tree-node-faithful", "tree-node-ufbinit",
                              "tree-output", "tree-node-ufb", "tree-output-faithful", "moe-top1", "moe-top2",
-                             "tree-1x7w4", "topk-32of1020")]
+                             "tree-1x7w4", "topk-32of1020", "tree-node-children")]
     + [(n, s, EPOCH) for s in (1, 2) for n in ("dense-1020", "tree-node", "dense-32")]
     + [(n, 0, 3 * EPOCH) for n in ("dense-1020", "tree-node")]
 )

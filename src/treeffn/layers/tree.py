@@ -84,9 +84,12 @@ from ..ops.tree import (  # noqa: F401  (re-exported: the reference maths lives 
     BALANCES,
     PLACEMENT_CODE,
     PLACEMENTS,
+    ROUTES,
     batch_thresholds,
     num_nodes,
     routing_diagnostics,
+    routing_rows,
+    routing_scores,
     tree_paths,
     tree_reference,
     visit_counts,
@@ -111,6 +114,7 @@ class TreeConfig:
     balance: str = "threshold"  # threshold (per-node routing thresholds, docs/quality.md) | none (UFB-23 as published)
     balance_rate: float = 0.1  # update rate of the thresholds towards the batch mean of each node's score
     init: str = "residual"  # output vectors: residual (GPT-2 residual-branch scale) | ufb (UFB-23's uniform rule)
+    route: str = "self"  # what a node routes on: self (its own units, UFB-23) | children (which child responds more)
 
     def check(self) -> None:
         if self.trees < 1 or self.node_width < 1:
@@ -123,6 +127,8 @@ class TreeConfig:
             raise ConfigError(f"tree.balance_rate must be in (0, 1] (got {self.balance_rate})")
         if self.init not in INITS:
             raise ConfigError(f"tree.init must be one of {', '.join(INITS)} (got '{self.init}')")
+        if self.route not in ROUTES:
+            raise ConfigError(f"tree.route must be one of {', '.join(ROUTES)} (got '{self.route}')")
 
 
 def check_tree(d_model: int, trees: int, depth: int, node_width: int, activation: str, placement: str) -> None:
@@ -204,6 +210,7 @@ class TreeFFN(TreeLayer):
         balance: str = "none",
         balance_rate: float = 0.1,
         out_std: float | None = None,
+        route: str = "self",
     ):
         super().__init__()
         check_tree(d_model, trees, depth, node_width, activation, placement)
@@ -213,6 +220,9 @@ class TreeFFN(TreeLayer):
             raise ConfigError(f"unknown tree.balance '{balance}'; choose one of {', '.join(BALANCES)}")
         if not 0.0 < balance_rate <= 1.0:
             raise ConfigError(f"tree.balance_rate must be in (0, 1] (got {balance_rate})")
+        if route not in ROUTES:
+            raise ConfigError(f"unknown tree.route '{route}'; choose one of {', '.join(ROUTES)}")
+        self.route = route
         self.d_model, self.trees, self.depth, self.node_width = d_model, trees, depth, node_width
         self.activation, self.placement, self.impl = activation, placement, impl
         self.balance, self.balance_rate = balance, balance_rate
@@ -243,15 +253,17 @@ class TreeFFN(TreeLayer):
     @torch.no_grad()
     def paths(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, D) -> visited node per token, tree and level (M, K, L), as routed in evaluation."""
-        return tree_paths(x, self.w_in, self.b_in, self.depth, self.route_threshold)
+        return tree_paths(x, self.w_in, self.b_in, self.depth, self.route_threshold, route=self.route)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, trees={self.trees}, depth={self.depth}, node_width={self.node_width}, "
-                f"activation={self.activation}, placement={self.placement}, balance={self.balance}, "
+                f"activation={self.activation}, placement={self.placement}, balance={self.balance}, route={self.route}, "
                 f"impl={self.impl}")
 
     # ---- forward ----------------------------------------------------------------------------------------------
     def _choose_impl(self, x: torch.Tensor) -> str:
+        if self.route != "self":  # the kernels route on the node's own units only
+            return "reference"
         if self.impl != "auto":
             return self.impl
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.w_in.requires_grad)
@@ -274,7 +286,7 @@ class TreeFFN(TreeLayer):
                 raise ValueError("the fused tree kernel does not return responses; use impl='sparse' or 'reference'")
             return tree_infer(x, self.w_in, self.b_in, self.w_out, self.depth, self.activation, self.placement,
                               return_paths=self.track_stats, thr=thr)
-        paths = tree_paths(x, self.w_in, self.b_in, self.depth, thr)
+        paths = tree_paths(x, self.w_in, self.b_in, self.depth, thr, route=self.route)
         y = tree_reference(x, self.w_in, self.b_in, self.w_out, self.depth, self.activation, self.placement, paths)
         if not return_lam:
             return y, paths
@@ -292,7 +304,8 @@ class TreeFFN(TreeLayer):
         # of any shape (..., D) and checks shapes, devices and dtypes itself — at batch 1 the Python of the general
         # path below costs more than the kernel. try_infer answers None for tensors it cannot run (a GPU, float16):
         # the general path then picks another implementation.
-        if not (self.training or self.track_stats or torch.is_grad_enabled()) and self.impl in _FUSED_IMPLS:
+        if (not (self.training or self.track_stats or torch.is_grad_enabled()) and self.impl in _FUSED_IMPLS
+                and self.route == "self"):
             ext = extension()
             if ext is not None:
                 p = self._parameters  # 0.07 µs a read against 0.5 for getattr; no b_in in it without bias
@@ -310,7 +323,7 @@ class TreeFFN(TreeLayer):
         thr = None
         if batch_stats:
             thr, seen = batch_thresholds(x2.detach(), self.w_in.detach(), None if self.b_in is None else
-                                         self.b_in.detach(), self.depth, self.route_threshold)
+                                         self.b_in.detach(), self.depth, self.route_threshold, self.route)
             with torch.no_grad():  # running average for evaluation and decoding
                 self.route_batches += 1
                 rate = max(self.balance_rate, 1.0 / float(self.route_batches))
@@ -321,10 +334,14 @@ class TreeFFN(TreeLayer):
         aux: dict = {}
         if self.track_stats:
             if paths is None:
-                paths = tree_paths(x2, self.w_in, self.b_in, self.depth, self.route_threshold)
+                paths = tree_paths(x2, self.w_in, self.b_in, self.depth, self.route_threshold, route=self.route)
             aux["tree_visits"] = visit_counts(paths, self.num_nodes)
+            scores = None
+            if self.route != "self":  # the routing scores are not the visited units' sums: recompute them
+                scores = routing_scores(x2.detach(), paths, *routing_rows(self.w_in, self.b_in, self.route))
             aux["tree_diag"] = routing_diagnostics(x2, out[2], thr if thr is not None else self.route_threshold,
-                                                   paths, self.w_in, self.b_in, self.activation)
+                                                   paths, self.w_in, self.b_in, self.activation, scores=scores,
+                                                   route=self.route)
         return y.reshape(shape), aux
 
 
@@ -343,6 +360,8 @@ def _describe(cfg: Config) -> str:
         text += f" balance={t.balance}@{t.balance_rate:g}"
     if t.init != "residual":
         text += f" init={t.init}"
+    if t.route != "self":
+        text += f" route={t.route}"
     return text
 
 
@@ -350,7 +369,7 @@ def _build(cfg: Config) -> TreeFFN:
     t = cfg.tree
     return TreeFFN(cfg.model.d_model, t.trees, t.depth, t.node_width, t.activation, t.placement, t.bias,
                    balance=t.balance, balance_rate=t.balance_rate,
-                   out_std=residual_std(cfg) if t.init == "residual" else None)
+                   out_std=residual_std(cfg) if t.init == "residual" else None, route=t.route)
 
 
 TREE = FFNVariant("tree", build=_build, describe=_describe, section=TreeConfig, check=_check)

@@ -17,6 +17,32 @@ from .activations import activation_fn, activation_grad
 PLACEMENTS = ("node", "output")
 PLACEMENT_CODE = {name: i for i, name in enumerate(PLACEMENTS)}  # the codes of kernels/csrc/*.cpp
 BALANCES = ("none", "threshold")
+ROUTES = ("self", "children")
+
+
+@torch.no_grad()
+def routing_rows(w_in: torch.Tensor, b_in: torch.Tensor | None, route: str = "self"):
+    """The hyperplane each node routes on: (K, N, D) rows and (K, N) offsets (or None), in w_in's dtype, no grad.
+
+    ``route="self"``: the node's own units, Σ_w u_kjw and Σ_w b_kjw (UFB-23). ``route="children"``: the difference
+    of its children's, Σ_w u_k(2j+2)w − Σ_w u_k(2j+1)w (and likewise b), so a token goes to the child whose units
+    respond more (leaves do not route: their rows are 0).
+    """
+    one = w_in.shape[2] == 1  # one unit per node: views, no copy
+    u = w_in.detach()[:, :, 0] if one else w_in.detach().sum(2)
+    b = None if b_in is None else (b_in.detach()[:, :, 0] if one else b_in.detach().sum(2))
+    if route == "self":
+        return u, b
+    if route != "children":
+        raise ConfigError(f"unknown tree.route '{route}'; choose one of {', '.join(ROUTES)}")
+    N = u.shape[1]
+    r = torch.zeros_like(u)
+    r[:, : N // 2] = u[:, 2:N:2] - u[:, 1:N:2]
+    rb = None
+    if b is not None:
+        rb = torch.zeros_like(b)
+        rb[:, : N // 2] = b[:, 2:N:2] - b[:, 1:N:2]
+    return r, rb
 
 
 def num_nodes(depth: int) -> int:
@@ -25,14 +51,16 @@ def num_nodes(depth: int) -> int:
 
 @torch.no_grad()
 def tree_paths(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, depth: int,
-               thr: torch.Tensor | None = None, return_scores: bool = False):
+               thr: torch.Tensor | None = None, return_scores: bool = False, route: str = "self"):
     """Visited node index per token, tree and level: (M, K, L) int64. Never carries gradient.
 
-    ``thr`` (K, N): per-node routing thresholds (right iff s > thr; 0 without). With ``return_scores`` also the
-    scores s = Σ_w λ at the visited nodes, (M, K, L) in x's dtype.
+    ``thr`` (K, N): per-node routing thresholds (right iff s > thr; 0 without). ``route``: what s is
+    (:func:`routing_rows`; "self": s = Σ_w λ of the node). With ``return_scores`` also the scores s at the visited
+    nodes, (M, K, L) in x's dtype (0 at the leaves under "children").
     """
     M = x.shape[0]
     K, N, W, D = w_in.shape
+    rows, offs = routing_rows(w_in, b_in, route)  # (K, N, D), (K, N)
     node = torch.zeros(M, K, dtype=torch.long, device=x.device)  # (M, K)
     out = torch.empty(M, K, depth + 1, dtype=torch.long, device=x.device)
     scores = torch.empty(M, K, depth + 1, dtype=x.dtype, device=x.device) if return_scores else None
@@ -41,16 +69,24 @@ def tree_paths(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, d
         out[:, :, t] = node
         if t == depth and not return_scores:
             break
-        u = w_in[k_idx, node]  # (M, K, W, D)
-        s = torch.einsum("mkwd,md->mk", u.to(x.dtype), x)
-        if b_in is not None:
-            s = s + b_in[k_idx, node].sum(-1).to(x.dtype)
+        s = torch.einsum("mkd,md->mk", rows[k_idx, node].to(x.dtype), x)
+        if offs is not None:
+            s = s + offs[k_idx, node].to(x.dtype)
         if scores is not None:
             scores[:, :, t] = s
         if t < depth:
             cut = 0.0 if thr is None else thr[k_idx, node].to(x.dtype)  # (M, K)
             node = 2 * node + 1 + (s > cut).long()
     return (out, scores) if return_scores else out
+
+
+@torch.no_grad()
+def routing_scores(x: torch.Tensor, paths: torch.Tensor, rows: torch.Tensor, offs: torch.Tensor | None):
+    """The routing score of every visited node, r·x + o with (rows, offs) from :func:`routing_rows`: (M, K, L)."""
+    K = rows.shape[0]
+    k_idx = torch.arange(K, device=x.device).view(1, K, 1)
+    s = torch.einsum("mkld,md->mkl", rows[k_idx, paths].to(x.dtype), x)
+    return s if offs is None else s + offs[k_idx, paths].to(x.dtype)
 
 
 def tree_reference(
@@ -89,7 +125,7 @@ def tree_reference(
 
 @torch.no_grad()
 def batch_thresholds(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, depth: int,
-                     fallback: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                     fallback: torch.Tensor, route: str = "self") -> tuple[torch.Tensor, torch.Tensor]:
     """Per-node thresholds from the batch itself: c_kj = mean of s_kj over the tokens that reach node kj, level by
     level (tokens route on their deviation from it). x (M, D) -> (c (K, N) fp32, seen (K, N) bool); nodes no token
     reaches keep ``fallback``'s value. Under DDP the statistics of every level are summed over the ranks first.
@@ -104,9 +140,9 @@ def batch_thresholds(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | N
     k_idx = torch.arange(K, device=dev)
     node = torch.zeros(M, K, dtype=torch.long, device=dev)  # (M, K) global node index at level t
     xf = x.float()
-    # (K, N, D) and (K, N): a node of W units routes on Σ_w u·x + Σ_w b (W = 1: views, no copy)
-    u = (w_in.detach()[:, :, 0] if W == 1 else w_in.detach().sum(2)).float()
-    b = None if b_in is None else (b_in.detach()[:, :, 0] if W == 1 else b_in.detach().sum(2)).float()
+    # (K, N, D) and (K, N): the hyperplane each node routes on (routing_rows)
+    u, b = routing_rows(w_in, b_in, route)
+    u, b = u.float(), None if b is None else b.float()
     # Shallow levels (≤ 16 nodes per tree): one GEMM for all their nodes, then each token picks its node's column;
     # deeper levels: gather each token's node row and take one dot product (a GEMM there would mostly be wasted).
     top = min(depth, 5)
@@ -152,17 +188,20 @@ def visit_counts(paths: torch.Tensor, n_nodes: int) -> torch.Tensor:
 @torch.no_grad()
 def routing_diagnostics(x: torch.Tensor, lam: torch.Tensor, thr: torch.Tensor | None, paths: torch.Tensor,
                         w_in: torch.Tensor, b_in: torch.Tensor | None, activation: str,
-                        eps: float = 0.05, max_tokens: int = 1024) -> dict[str, torch.Tensor]:
+                        eps: float = 0.05, max_tokens: int = 1024,
+                        scores: torch.Tensor | None = None, route: str = "self") -> dict[str, torch.Tensor]:
     """What tells the causes of a routing collapse apart, for one layer and one batch.
 
-    x (M, D) routing inputs, lam (M, K, L, W) visited responses, paths (M, K, L). Returns detached tensors:
+    x (M, D) routing inputs, lam (M, K, L, W) visited responses, paths (M, K, L), ``scores`` (M, K, L) the routing
+    scores when they are not the nodes' own Σ_w λ (``route="children"``). Returns detached tensors:
 
     * ``align``: mean cosine similarity between the routing inputs of two different tokens (1 = all alike);
     * ``margin`` (L − 1,): mean |s − c| per routing level (leaves do not route), s = Σ_w λ, c the node's threshold
       (0 without balance);
     * ``centre`` (L − 1,): per routing level, mean over visited nodes of |mean_node(s) − c| / std_node(s)
       (token-weighted): ≫ 1 means the node sends its tokens one way whatever they are;
-    * ``u_norm``, ``b_abs`` (L,): mean ‖Σ_w u‖ and |Σ_w b| of the nodes of each level;
+    * ``u_norm``, ``b_abs`` (L,): mean ‖Σ_w u‖ and |Σ_w b| of the nodes of each level (of the rows they route on,
+      :func:`routing_rows`, under ``route``);
     * ``live_grad`` (L,): fraction of visited units with φ'(λ) > eps (gradient reaches them, "node" placement).
     """
     M, K, L, W = lam.shape
@@ -172,7 +211,7 @@ def routing_diagnostics(x: torch.Tensor, lam: torch.Tensor, thr: torch.Tensor | 
     xn = torch.nn.functional.normalize(xs, dim=-1)
     tot = xn.sum(0)
     align = (tot @ tot - n) / max(1, n * (n - 1))
-    s = lam.sum(-1).double()  # (M, K, L)
+    s = (lam.sum(-1) if scores is None else scores).double()  # (M, K, L)
     cut = thr.double()[torch.arange(K, device=x.device).view(1, K, 1), paths] if thr is not None else torch.zeros_like(s)
     margin = (s - cut)[:, :, : L - 1].abs().mean((0, 1))
     flat = (paths + torch.arange(K, device=x.device).view(1, K, 1) * N).reshape(-1)
@@ -184,8 +223,9 @@ def routing_diagnostics(x: torch.Tensor, lam: torch.Tensor, thr: torch.Tensor | 
     c_all = thr.double().reshape(-1) if thr is not None else torch.zeros_like(mean)
     off = (mean - c_all).abs() / std.clamp_min(1e-6)
     centre = []
-    u_sum = w_in.detach().float().sum(2).norm(dim=-1)  # (K, N)
-    b_sum = b_in.detach().float().sum(2).abs() if b_in is not None else torch.zeros_like(u_sum)
+    rows, offs = routing_rows(w_in, b_in, route)
+    u_sum = rows.float().norm(dim=-1)  # (K, N)
+    b_sum = offs.float().abs() if offs is not None else torch.zeros_like(u_sum)
     u_norm, b_abs = [], []
     for t in range(L):
         sl = slice(2 ** t - 1, 2 ** (t + 1) - 1)
