@@ -572,6 +572,9 @@ def convert(src: str | Path, out: str | Path, overrides: dict | None = None, dat
     model = load_model(folder)
     cfg = model.cfg
     new_cfg = _tree_config(model, overrides)
+    if new_cfg.tree.route != "self":
+        raise ConfigError(f"convert fits each node's routing on its own units; tree.route={new_cfg.tree.route} "
+                          "is not supported")
     seq_len = min(seq_len, cfg.model.seq_len)
     parts, offsets = _corpus_parts(folder, data, cfg.model.vocab_size, tokens, val_fraction, seq_len, seed)
     n_fit, n_sel = parts["fit"].numel(), parts["select"].numel()

@@ -6,6 +6,8 @@ Shapes: M tokens, D model width, K trees, L = depth + 1 levels, N = 2^L − 1 no
     ->  y (M, D) in x's dtype, paths (M, K, L) int64
 
 ``thr`` holds per-node routing thresholds (``tree.balance``): right child iff Σ_w λ > thr_j (0 without it).
+``route="children"`` (``tree.route``) routes on the children's responses instead: right child iff
+Σ_w λ_right − Σ_w λ_left > thr_j, so each level computes both children's responses and keeps the chosen one's.
 
 The maths (routing on the sign of a node's summed responses, "node" and "output" placements) is defined in
 :mod:`treeffn.layers.tree`; ``tree_reference`` (:mod:`treeffn.ops.tree`) is the slow ground truth both paths here are tested against.
@@ -38,6 +40,7 @@ from ..errors import ConfigError
 from ..ops.activations import ACT_CODE as _ACT_CODE
 from ..ops.activations import activation_fn
 from ..ops.tree import PLACEMENT_CODE as _PLACEMENT_CODE
+from ..ops.tree import ROUTE_CODE as _ROUTE_CODE
 from .build import load_extension
 
 _CPP_DTYPES = (torch.float32, torch.bfloat16)
@@ -66,6 +69,7 @@ def tree_infer(
     return_paths: bool = False,
     backend: str = "auto",
     thr: torch.Tensor | None = None,
+    route: str = "self",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Tree layer output for x (M, D): ``(y (M, D), paths (M, K, L) int64 or None)``. See the module docstring."""
     # Hot path: a batch-1 call must stay within a few microseconds, so checks are cheap attribute reads; shape and
@@ -77,25 +81,26 @@ def tree_infer(
     try:
         act = _ACT_CODE[activation]
         place = _PLACEMENT_CODE[placement]
+        rc = _ROUTE_CODE[route]
     except KeyError:
-        raise ConfigError(f"unknown activation '{activation}' or placement '{placement}'") from None
+        raise ConfigError(f"unknown activation '{activation}', placement '{placement}' or route '{route}'") from None
     if backend == "auto":
         ext = _ext if _ext_tried else extension()
         # x.is_cpu is ~10x cheaper than x.device.type; w_out's dtype and all shapes are checked in C++.
         if ext is None or not x.is_cpu or x.dtype not in _CPP_DTYPES or w_in.dtype not in _CPP_DTYPES:
-            return tree_infer_torch(x, w_in, b_in, w_out, depth, activation, placement, return_paths, thr)
+            return tree_infer_torch(x, w_in, b_in, w_out, depth, activation, placement, return_paths, thr, route)
     elif backend == "cpp":
         ext = _ext if _ext_tried else extension()
         if ext is None:
             raise RuntimeError("tree_infer: the C++ kernel could not be built (see the warning above); "
                                "use backend='torch'")
     elif backend == "torch":
-        return tree_infer_torch(x, w_in, b_in, w_out, depth, activation, placement, return_paths, thr)
+        return tree_infer_torch(x, w_in, b_in, w_out, depth, activation, placement, return_paths, thr, route)
     else:
         raise ConfigError(f"unknown tree_infer backend '{backend}'; choose one of auto, cpp, torch")
     if return_paths:
-        return ext.infer_paths(x, w_in, b_in, w_out, depth, act, place, thr)
-    return ext.infer(x, w_in, b_in, w_out, depth, act, place, thr), None
+        return ext.infer_paths(x, w_in, b_in, w_out, depth, act, place, thr, rc)
+    return ext.infer(x, w_in, b_in, w_out, depth, act, place, thr, rc), None
 
 
 # Bound on gathered elements per level (chunk of tokens × K × W × D), ~64 MiB of fp32: the walk gathers one row
@@ -114,10 +119,13 @@ def tree_infer_torch(
     placement: str = "node",
     return_paths: bool = False,
     thr: torch.Tensor | None = None,
+    route: str = "self",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Batched path walk in plain PyTorch ops (any device). Accumulates in fp32 whatever the input dtypes."""
     if placement not in _PLACEMENT_CODE:
         raise ConfigError(f"unknown tree placement '{placement}'")
+    if route not in _ROUTE_CODE:
+        raise ConfigError(f"unknown tree route '{route}'")
     phi = activation_fn(activation)
     M, D = x.shape
     K, N, W, _ = w_in.shape
@@ -139,6 +147,14 @@ def tree_infer_torch(
         xc = x[m0:m0 + chunk].float()  # (Mc, D)
         mc = xc.shape[0]
         node = torch.zeros(mc, K, dtype=torch.long, device=dev)  # (Mc, K)
+
+        def child_sum(side: int) -> torch.Tensor:  # Σ_w λ of each token's child 2j + side, (Mc, K)
+            cidx = (2 * node + side + tree_base).reshape(-1)
+            s = torch.bmm(u_rows.index_select(0, cidx).view(mc, K * W, D).float(), xc.unsqueeze(-1)).view(mc, K, W)
+            if b_rows is not None:
+                s = s + b_rows.index_select(0, cidx).view(mc, K, W).float()
+            return s.sum(-1)
+
         acc = torch.zeros(mc, D, device=dev) if placement == "node" else torch.zeros(mc, K, D, device=dev)
         for t in range(L):
             if paths is not None:
@@ -156,6 +172,7 @@ def tree_infer_torch(
                                     v.view(mc * K, W, D)).view(mc, K, D)
             if t < depth:
                 cut = 0.0 if thr_rows is None else thr_rows.index_select(0, idx).view(mc, K)
-                node = 2 * node + 1 + (lam.sum(-1) > cut).long()
+                s = lam.sum(-1) if route == "self" else child_sum(2) - child_sum(1)
+                node = 2 * node + 1 + (s > cut).long()
         y[m0:m0 + mc] = acc if placement == "node" else phi(acc).sum(1)
     return y, paths

@@ -11,6 +11,8 @@ Shapes: M tokens, D model width, K trees, L = depth + 1 levels, N = 2^L − 1 no
 
 ``thr`` holds routing thresholds (``tree.balance``): a token goes right at node j iff Σ_w λ > thr_j (0 without
 it). They only move the routing decision, so they receive no gradient and leave the formulas below unchanged.
+``paths`` (M, K, L) int64, when given, replaces the routing altogether (``tree.route="children"`` routes in
+:mod:`treeffn.ops.tree` and passes its paths here); the formulas are again unchanged.
 
 Gradients (hard routing, stop-gradient on the path; G_mk is the upstream gradient of tree k's D-vector sum, i.e.
 dy_m for ``"node"`` and φ'(z_mk) ⊙ dy_m for ``"output"``; g = ∂loss/∂λ for one visited unit)::
@@ -76,6 +78,7 @@ def tree_train(
     backend: str = "auto",
     thr: torch.Tensor | None = None,
     return_lam: bool = False,
+    paths: torch.Tensor | None = None,
 ):
     """Differentiable tree layer on x (M, D): ``(y (M, D), paths (M, K, L) int64, no grad)``, and with
     ``return_lam`` also the visited units' responses λ (M, K, L, W) (detached; what routing statistics need).
@@ -101,6 +104,11 @@ def tree_train(
         if thr.shape != (K, N):
             raise ConfigError(f"tree_train: routing threshold {tuple(thr.shape)} should be {(K, N)}")
         thr = thr.detach().float().contiguous()
+    if paths is not None:
+        if paths.shape != (x.shape[0], K, depth + 1) or paths.dtype != torch.long:
+            raise ConfigError(f"tree_train: given paths {tuple(paths.shape)} {paths.dtype} should be "
+                              f"{(x.shape[0], K, depth + 1)} int64")
+        paths = paths.detach().contiguous()
 
     dt = x.dtype
     w_in, w_out = w_in.to(dt).contiguous(), w_out.to(dt).contiguous()
@@ -121,7 +129,7 @@ def tree_train(
     else:
         use_cpp = False
     fn = _TreeTrainCpp if use_cpp else _TreeTrainTorch
-    y, paths, lam = fn.apply(x, w_in, b_in, w_out, depth, act, place, thr)
+    y, paths, lam = fn.apply(x, w_in, b_in, w_out, depth, act, place, thr, paths)
     return (y, paths, lam) if return_lam else (y, paths)
 
 
@@ -129,8 +137,8 @@ def tree_train(
 
 class _TreeTrainCpp(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w_in, b_in, w_out, depth, act, place, thr):
-        y, paths, lam = extension().forward(x, w_in, b_in, w_out, depth, act, place, thr)
+    def forward(ctx, x, w_in, b_in, w_out, depth, act, place, thr, given):
+        y, paths, lam = extension().forward(x, w_in, b_in, w_out, depth, act, place, thr, given)
         ctx.save_for_backward(x, w_in, b_in, w_out, paths, lam)
         ctx.depth, ctx.act, ctx.place = depth, act, place
         ctx.mark_non_differentiable(paths, lam)
@@ -144,7 +152,7 @@ class _TreeTrainCpp(torch.autograd.Function):
         dx, dw_in, db_in, dw_out = extension().backward(
             dy.contiguous(), x, w_in, b_in, w_out, paths, lam, ctx.depth, ctx.act, ctx.place, need_x, need_params)
         return (dx if need_x else None, dw_in if need_u else None, db_in if need_b else None,
-                dw_out if need_v else None, None, None, None, None)
+                dw_out if need_v else None, None, None, None, None, None)
 
 
 # ---- PyTorch path ---------------------------------------------------------------------------------------------------
@@ -221,7 +229,7 @@ def _csr_t_mm(values: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int
 
 class _TreeTrainTorch(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w_in, b_in, w_out, depth, act, place, thr):
+    def forward(ctx, x, w_in, b_in, w_out, depth, act, place, thr, given):
         M, D = x.shape
         K, N, W, _ = w_in.shape
         L = depth + 1
@@ -243,7 +251,9 @@ class _TreeTrainTorch(torch.autograd.Function):
                 if b_rows is not None:
                     lt = lt + b_rows.index_select(0, (node + tree_base).reshape(-1)).view(mc, K, W).to(cdt)
                 lam[m0:m0 + mc, :, t] = lt
-                if t < depth:
+                if t < depth and given is not None:
+                    node = given[m0:m0 + mc, :, t + 1]
+                elif t < depth:
                     cut = 0.0 if thr is None else thr.view(-1)[node + tree_base].to(cdt)  # (Mc, K)
                     node = 2 * node + 1 + (lt.sum(-1) > cut).long()
         cols = _unit_columns(paths, N, W)
@@ -311,4 +321,4 @@ class _TreeTrainTorch(torch.autograd.Function):
             gb = torch.zeros(KNW, dtype=cdt, device=dev)
             gb.index_put_((cols,), g.reshape(-1), accumulate=True)
             db_in = gb.view(K, N, W).to(b_in.dtype)
-        return dx, dw_in, db_in, dw_out, None, None, None, None
+        return dx, dw_in, db_in, dw_out, None, None, None, None, None

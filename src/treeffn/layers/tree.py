@@ -56,6 +56,19 @@ saved with the weights. The threshold of a node no training token reached keeps 
 per-level statistics are summed over ranks, so routing is that of the global batch. ``"none"`` is the faithful
 UFB-23 / DS-26 layer.
 
+Routing rule (``route``). ``"self"`` (UFB-23, the default) routes on the node's own units as above, so a node's
+units are both a feature and the hyperplane that splits its tokens. ``"children"`` routes each token to the child
+whose units respond more::
+
+    right  iff  Σ_w λ_k(2j+2)w − Σ_w λ_k(2j+1)w > c_kj        (c_kj = 0 without balance)
+
+a hyperplane through the difference of the children's input vectors, so every decision is a local top-1 by
+response, the way a top-k MLP chooses its units (docs/quality.md measures both rules). It reads both children's W·D
+input weights per level instead of one (the fused kernel computes both responses and keeps the chosen one's; the
+training kernel follows paths walked in PyTorch, where the batch thresholds are computed anyway); the accounting
+above (``active_units``) counts the units whose outputs are used. Pruning and ``treeffn convert`` route on a node's
+own units and refuse this setting.
+
 Depth 0 is a dense MLP of K·W units (every token visits every root): ``tests/test_model.py`` checks it.
 
 Implementations (selected by ``impl``; ``"auto"`` picks the fastest available):
@@ -84,6 +97,7 @@ from ..ops.tree import (  # noqa: F401  (re-exported: the reference maths lives 
     BALANCES,
     PLACEMENT_CODE,
     PLACEMENTS,
+    ROUTE_CODE,
     ROUTES,
     batch_thresholds,
     num_nodes,
@@ -177,18 +191,32 @@ class TreeLayer(nn.Module):
     def active_units(self) -> float:
         return float(self.trees * (self.depth + 1) * self.node_width)
 
+    def input_units(self) -> float:
+        """Units whose input vectors a token reads: the visited ones, and with ``route="children"`` also the
+        sibling of every visited node below the root (both children are compared)."""
+        extra = self.depth if getattr(self, "route", "self") == "children" else 0
+        return float(self.trees * (self.depth + 1 + extra) * self.node_width)
+
     def flops_per_token(self) -> float:
-        """Inference multiply-adds ×2 over the visited units (routing sums and φ are O(units), not counted)."""
-        return 2.0 * 2.0 * self.active_units() * self.d_model
+        """Inference multiply-adds ×2: input dots of :meth:`input_units`, outputs of the visited units (routing sums
+        and φ are O(units), not counted)."""
+        return 2.0 * (self.input_units() + self.active_units()) * self.d_model
 
     def weight_bytes_read(self, tokens: int) -> float:
         """Expected bytes of input and output vectors one call on ``tokens`` tokens reads, if routing is uniform
         (every node sends half its tokens each way, as routing thresholds make it): a node at level t is visited by
         at least one of the tokens with probability 1 − (1 − 2^−t)^tokens, and a visited node's W·D input and W·D
-        output weights are read once per call."""
-        nodes = sum(2 ** t * (1.0 - (1.0 - 2.0 ** -t) ** tokens) for t in range(self.depth + 1))
+        output weights are read once per call (with ``route="children"`` a node's input weights are read whenever
+        its parent is visited)."""
+        def reached(t: int) -> float:  # nodes of level t that at least one token visits
+            return 2 ** t * (1.0 - (1.0 - 2.0 ** -t) ** tokens)
+
+        out_nodes = sum(reached(t) for t in range(self.depth + 1))
+        in_nodes = out_nodes
+        if getattr(self, "route", "self") == "children":
+            in_nodes = 1.0 + sum(2.0 * reached(t - 1) for t in range(1, self.depth + 1))
         elem = next(self.parameters()).element_size()
-        return self.trees * nodes * 2 * self.node_width * self.d_model * elem
+        return self.trees * (in_nodes + out_nodes) * self.node_width * self.d_model * elem
 
     def paths(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -262,31 +290,33 @@ class TreeFFN(TreeLayer):
 
     # ---- forward ----------------------------------------------------------------------------------------------
     def _choose_impl(self, x: torch.Tensor) -> str:
-        if self.route != "self":  # the kernels route on the node's own units only
-            return "reference"
         if self.impl != "auto":
             return self.impl
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.w_in.requires_grad)
         return "sparse" if needs_grad else "fused"
 
     def forward_2d(self, x: torch.Tensor, impl: str | None = None, return_lam: bool = False,
-                   thr: torch.Tensor | None = None):
+                   thr: torch.Tensor | None = None, paths: torch.Tensor | None = None):
         """x (M, D) -> (y (M, D), paths (M, K, L) or None when the implementation does not expose them), and with
         ``return_lam`` the visited units' responses λ (M, K, L, W), detached (``"fused"`` cannot give them).
-        ``thr`` overrides the stored routing thresholds (training uses the batch's own)."""
+        ``thr`` overrides the stored routing thresholds (training uses the batch's own); ``paths``, the routing
+        itself (``"sparse"`` and ``"reference"`` only)."""
         impl = impl or self._choose_impl(x)
         thr = self.route_threshold if thr is None else thr
         if impl == "sparse":
+            if paths is None and self.route != "self":  # the training kernel routes on the nodes' own units only
+                paths = tree_paths(x, self.w_in, self.b_in, self.depth, thr, route=self.route)
             return tree_train(x, self.w_in, self.b_in, self.w_out, self.depth, self.activation, self.placement,
-                              thr=thr, return_lam=return_lam)
+                              thr=thr, return_lam=return_lam, paths=paths)
         if impl == "fused":
             if torch.is_grad_enabled() and (x.requires_grad or self.w_in.requires_grad):
                 raise RuntimeError("the fused tree kernel is inference-only; use impl='sparse' under autograd")
             if return_lam:
                 raise ValueError("the fused tree kernel does not return responses; use impl='sparse' or 'reference'")
             return tree_infer(x, self.w_in, self.b_in, self.w_out, self.depth, self.activation, self.placement,
-                              return_paths=self.track_stats, thr=thr)
-        paths = tree_paths(x, self.w_in, self.b_in, self.depth, thr, route=self.route)
+                              return_paths=self.track_stats, thr=thr, route=self.route)
+        if paths is None:
+            paths = tree_paths(x, self.w_in, self.b_in, self.depth, thr, route=self.route)
         y = tree_reference(x, self.w_in, self.b_in, self.w_out, self.depth, self.activation, self.placement, paths)
         if not return_lam:
             return y, paths
@@ -304,13 +334,13 @@ class TreeFFN(TreeLayer):
         # of any shape (..., D) and checks shapes, devices and dtypes itself — at batch 1 the Python of the general
         # path below costs more than the kernel. try_infer answers None for tensors it cannot run (a GPU, float16):
         # the general path then picks another implementation.
-        if (not (self.training or self.track_stats or torch.is_grad_enabled()) and self.impl in _FUSED_IMPLS
-                and self.route == "self"):
+        if not (self.training or self.track_stats or torch.is_grad_enabled()) and self.impl in _FUSED_IMPLS:
             ext = extension()
             if ext is not None:
                 p = self._parameters  # 0.07 µs a read against 0.5 for getattr; no b_in in it without bias
                 y = ext.try_infer(x, p["w_in"], p.get("b_in"), p["w_out"], self.depth, ACT_CODE[self.activation],
-                                  PLACEMENT_CODE[self.placement], self._buffers["route_threshold"])
+                                  PLACEMENT_CODE[self.placement], self._buffers["route_threshold"],
+                                  ROUTE_CODE[self.route])
                 if y is not None:
                     return y, {}
         shape = x.shape
@@ -320,16 +350,19 @@ class TreeFFN(TreeLayer):
         impl = self._choose_impl(x2)
         if need_lam and impl == "fused":  # the fused kernel returns no responses; the sparse path does, cheaply
             impl = "sparse"
-        thr = None
+        thr = given = None
         if batch_stats:
-            thr, seen = batch_thresholds(x2.detach(), self.w_in.detach(), None if self.b_in is None else
-                                         self.b_in.detach(), self.depth, self.route_threshold, self.route)
+            # with route="children" the walk that sets the thresholds also gives the paths the kernel then follows
+            thr, seen, *given = batch_thresholds(x2.detach(), self.w_in.detach(), None if self.b_in is None else
+                                                 self.b_in.detach(), self.depth, self.route_threshold, self.route,
+                                                 return_paths=self.route != "self")
+            given = given[0] if given else None
             with torch.no_grad():  # running average for evaluation and decoding
                 self.route_batches += 1
                 rate = max(self.balance_rate, 1.0 / float(self.route_batches))
                 c = self.route_threshold
                 c[seen] += rate * (thr[seen] - c[seen])
-        out = self.forward_2d(x2, impl=impl, return_lam=need_lam, thr=thr)
+        out = self.forward_2d(x2, impl=impl, return_lam=need_lam, thr=thr, paths=given)
         y, paths = out[0], out[1]
         aux: dict = {}
         if self.track_stats:

@@ -18,6 +18,7 @@ PLACEMENTS = ("node", "output")
 PLACEMENT_CODE = {name: i for i, name in enumerate(PLACEMENTS)}  # the codes of kernels/csrc/*.cpp
 BALANCES = ("none", "threshold")
 ROUTES = ("self", "children")
+ROUTE_CODE = {name: i for i, name in enumerate(ROUTES)}  # the codes of kernels/csrc/tree_infer.cpp
 
 
 @torch.no_grad()
@@ -125,10 +126,12 @@ def tree_reference(
 
 @torch.no_grad()
 def batch_thresholds(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, depth: int,
-                     fallback: torch.Tensor, route: str = "self") -> tuple[torch.Tensor, torch.Tensor]:
+                     fallback: torch.Tensor, route: str = "self", return_paths: bool = False):
     """Per-node thresholds from the batch itself: c_kj = mean of s_kj over the tokens that reach node kj, level by
     level (tokens route on their deviation from it). x (M, D) -> (c (K, N) fp32, seen (K, N) bool); nodes no token
     reaches keep ``fallback``'s value. Under DDP the statistics of every level are summed over the ranks first.
+    ``route``: what a node's score is (:func:`routing_rows`). With ``return_paths`` also the paths the tokens take
+    under these thresholds, (M, K, L) int64.
     """
     M, D = x.shape
     K, N, W, _ = w_in.shape
@@ -139,6 +142,7 @@ def batch_thresholds(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | N
     seen = torch.zeros(K, N, dtype=torch.bool, device=dev)
     k_idx = torch.arange(K, device=dev)
     node = torch.zeros(M, K, dtype=torch.long, device=dev)  # (M, K) global node index at level t
+    paths = torch.zeros(M, K, depth + 1, dtype=torch.long, device=dev) if return_paths else None
     xf = x.float()
     # (K, N, D) and (K, N): the hyperplane each node routes on (routing_rows)
     u, b = routing_rows(w_in, b_in, route)
@@ -174,7 +178,9 @@ def batch_thresholds(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | N
         c[:, first:first + width] = lvl_c
         seen[:, first:first + width] = hit
         node = 2 * node + 1 + (s > lvl_c.reshape(-1).index_select(0, local.reshape(-1)).view(M, K)).long()
-    return c, seen
+        if paths is not None:
+            paths[:, :, t + 1] = node
+    return (c, seen, paths) if return_paths else (c, seen)
 
 
 @torch.no_grad()

@@ -6,6 +6,9 @@
 //   b_in   (K, N, W)       optional
 //   w_out  (K, N, W, D)
 //   thr    (K, N)          optional fp32 routing thresholds (tree.balance): right child iff sum_w lam > thr
+//   route  0 (self): a node routes on sum_w lam of its own units; 1 (children, tree.route): on the difference of its
+//          children's, sum_w lam(right child) - sum_w lam(left child) > thr (both children's responses are computed,
+//          the chosen one's kept; walk_block is not used)
 //   y      (M, D)          x's dtype;  paths (M, K, L) int64 (only from infer_paths)
 //
 // One call walks every tree of every token through all levels. Per visited node it reads the node's W*D input
@@ -63,6 +66,7 @@ namespace {
 
 enum Act : int { GELU = 0, RELU = 1, TANH = 2, SILU = 3, IDENTITY = 4 };
 enum Placement : int { NODE = 0, OUTPUT = 1 };
+enum Route : int { SELF = 0, CHILDREN = 1 };
 
 // Below this many multiply-adds per call (M*K*L*W*D) we stay on the calling thread: waking the OpenMP team costs
 // from a microsecond (its threads still spinning from the previous parallel op) to tens (asleep), against a few
@@ -282,6 +286,7 @@ struct Problem {
   int64_t M, D, K, N, L, W;
   int act, placement;
   const float* thr;  // (K, N) routing thresholds or null (= 0): a token goes right iff its score s > thr
+  int route;         // SELF or CHILDREN: what the score s is
 };
 
 // ---- one token: route, then accumulate ----------------------------------------------------------------------
@@ -292,9 +297,43 @@ struct Problem {
 // visited node's output row v is prefetched for accumulate, which otherwise waits for them after the chain (1x11
 // cold: 10 % faster; with several trees accumulate reads many rows at once, and the prefetches cost more than they
 // save: 16x7 warm 30 % slower).
+// Route::CHILDREN: the root's responses, then per level both children's; the token goes to the one whose summed
+// responses exceed the other's by more than the node's threshold, and its responses are the next level's lam.
+template <typename TW>
+void route_children(const Problem& p, const float* __restrict x, const TW* __restrict u, const TW* __restrict b,
+                    int64_t k0, int64_t k1, float* __restrict lam, int64_t* __restrict node) {
+  const int64_t D = p.D, W = p.W, WD = W * D, L = p.L, N = p.N, NWD = N * WD;
+  static thread_local std::vector<float> right;
+  if (static_cast<int64_t>(right.size()) < W) right.resize(W);
+  for (int64_t k = k0; k < k1; ++k) {
+    node[k * L] = 0;
+    for (int64_t w = 0; w < W; ++w)
+      lam[k * L * W + w] = dot(u + k * NWD + w * D, x, D) + (b ? load(b, k * N * W + w) : 0.0f);
+  }
+  for (int64_t t = 0; t + 1 < L; ++t) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t j = node[k * L + t], c = 2 * j + 1;
+      const TW* uk = u + k * NWD;
+      if (t + 2 < L) prefetch_children(uk + (2 * c + 1) * WD, D, 4 * W);
+      float* l = lam + (k * L + t + 1) * W;  // the left child's responses, replaced by the right's if it wins
+      float sl = 0.0f, sr = 0.0f;
+      for (int64_t w = 0; w < W; ++w) {
+        l[w] = dot(uk + c * WD + w * D, x, D) + (b ? load(b, (k * N + c) * W + w) : 0.0f);
+        right[w] = dot(uk + (c + 1) * WD + w * D, x, D) + (b ? load(b, (k * N + c + 1) * W + w) : 0.0f);
+        sl += l[w];
+        sr += right[w];
+      }
+      const bool go_right = sr - sl > (p.thr ? p.thr[k * N + j] : 0.0f);
+      if (go_right) std::copy(right.data(), right.data() + W, l);
+      node[k * L + t + 1] = c + (go_right ? 1 : 0);
+    }
+  }
+}
+
 template <typename TW>
 void route(const Problem& p, const float* __restrict x, const TW* __restrict u, const TW* __restrict b,
            const TW* __restrict v, int64_t k0, int64_t k1, float* __restrict lam, int64_t* __restrict node) {
+  if (p.route == CHILDREN) return route_children(p, x, u, b, k0, k1, lam, node);
   const int64_t D = p.D, W = p.W, WD = W * D, L = p.L, N = p.N, NWD = N * WD;
   const bool one = k1 - k0 == 1;
   for (int64_t k = k0; k < k1; ++k) node[k * L] = 0;
@@ -488,10 +527,12 @@ void run_range(const Problem& p, const TX* x, const TW* u, const TW* b, const TW
       xf = xbuf;
     }
     float* a = acc + (mb - m0) * D;
-    if (nb == 1) {
-      int64_t* node = paths ? paths + mb * K * L : ts.node;
-      route(p, xf, u, b, v, 0, K, ts.lam, node);
-      accumulate(p, ts.lam, node, v, a, 0, D, ts.z);
+    if (nb == 1 || p.route == CHILDREN) {  // walk_block routes on the nodes' own units only
+      for (int64_t i = 0; i < nb; ++i) {
+        int64_t* node = paths ? paths + (mb + i) * K * L : ts.node;
+        route(p, xf + i * D, u, b, v, 0, K, ts.lam, node);
+        accumulate(p, ts.lam, node, v, a + i * D, 0, D, ts.z);
+      }
       continue;
     }
     for (int64_t k = 0; k < K; ++k) {
@@ -609,7 +650,7 @@ bool kernel_dtype(const at::Tensor& t) { return t.scalar_type() == at::kFloat ||
 // y = the layer on x (..., D), in x's shape; with paths_out, the visited nodes (M, K, L) of its M = numel / D tokens.
 at::Tensor forward(const at::Tensor& x_, const at::Tensor& w_in_, const c10::optional<at::Tensor>& b_in_,
                    const at::Tensor& w_out_, int64_t depth, int64_t act, int64_t placement,
-                   const c10::optional<at::Tensor>& thr_, bool with_paths, at::Tensor* paths_out) {
+                   const c10::optional<at::Tensor>& thr_, int64_t route, bool with_paths, at::Tensor* paths_out) {
   TORCH_CHECK(x_.dim() >= 1 && w_in_.dim() == 4, "tree_infer: x must be (..., D) and w_in (K, N, W, D)");
   TORCH_CHECK(x_.device().is_cpu() && w_in_.device().is_cpu() && w_out_.device().is_cpu(),
               "tree_infer C++ kernel: tensors must be on the CPU");
@@ -619,8 +660,9 @@ at::Tensor forward(const at::Tensor& x_, const at::Tensor& w_in_, const c10::opt
               "tree_infer: w_in has ", N, " nodes per tree, depth ", depth, " needs 2^(depth+1)-1");
   TORCH_CHECK(w_in_.size(3) == D && w_out_.sizes() == w_in_.sizes(), "tree_infer: w_in/w_out must be (K, N, W, D)",
               " with D = x.size(-1)");
-  TORCH_CHECK(act >= 0 && act <= IDENTITY && (placement == NODE || placement == OUTPUT),
-              "tree_infer: bad activation/placement code");
+  TORCH_CHECK(act >= 0 && act <= IDENTITY && (placement == NODE || placement == OUTPUT) &&
+                  (route == SELF || route == CHILDREN),
+              "tree_infer: bad activation/placement/route code");
   const auto wt = w_in_.scalar_type();
   TORCH_CHECK(kernel_dtype(w_in_) && w_out_.scalar_type() == wt,
               "tree_infer: w_in and w_out must both be float32 or both bfloat16");
@@ -652,7 +694,7 @@ at::Tensor forward(const at::Tensor& x_, const at::Tensor& w_in_, const c10::opt
   }
   if (M == 0) return y;
   const Problem p{M, D, K, N, depth + 1, W, static_cast<int>(act), static_cast<int>(placement),
-                  thr.defined() ? thr.data_ptr<float>() : nullptr};
+                  thr.defined() ? thr.data_ptr<float>() : nullptr, static_cast<int>(route)};
   // Release the GIL only for calls long enough for it to matter to other Python threads.
   const bool release = M * K * (depth + 1) * W * D >= kParallelWork;
   auto go = [&] {
@@ -673,27 +715,27 @@ at::Tensor forward(const at::Tensor& x_, const at::Tensor& w_in_, const c10::opt
 
 at::Tensor infer(const at::Tensor& x, const at::Tensor& w_in, const c10::optional<at::Tensor>& b_in,
                  const at::Tensor& w_out, int64_t depth, int64_t act, int64_t placement,
-                 const c10::optional<at::Tensor>& thr) {
-  return forward(x, w_in, b_in, w_out, depth, act, placement, thr, false, nullptr);
+                 const c10::optional<at::Tensor>& thr, int64_t route) {
+  return forward(x, w_in, b_in, w_out, depth, act, placement, thr, route, false, nullptr);
 }
 
 // infer, or None when x or the weights are off the CPU or of a dtype the kernel lacks (the caller then takes
 // another path): the check costs nanoseconds here against a fraction of a microsecond in Python.
 c10::optional<at::Tensor> try_infer(const at::Tensor& x, const at::Tensor& w_in, const c10::optional<at::Tensor>& b_in,
                                     const at::Tensor& w_out, int64_t depth, int64_t act, int64_t placement,
-                                    const c10::optional<at::Tensor>& thr) {
+                                    const c10::optional<at::Tensor>& thr, int64_t route) {
   if (!(x.device().is_cpu() && w_in.device().is_cpu() && w_out.device().is_cpu() && kernel_dtype(x) &&
         kernel_dtype(w_in) && kernel_dtype(w_out)))
     return c10::nullopt;
-  return forward(x, w_in, b_in, w_out, depth, act, placement, thr, false, nullptr);
+  return forward(x, w_in, b_in, w_out, depth, act, placement, thr, route, false, nullptr);
 }
 
 std::tuple<at::Tensor, at::Tensor> infer_paths(const at::Tensor& x, const at::Tensor& w_in,
                                                const c10::optional<at::Tensor>& b_in, const at::Tensor& w_out,
                                                int64_t depth, int64_t act, int64_t placement,
-                                               const c10::optional<at::Tensor>& thr) {
+                                               const c10::optional<at::Tensor>& thr, int64_t route) {
   at::Tensor paths;
-  at::Tensor y = forward(x, w_in, b_in, w_out, depth, act, placement, thr, true, &paths);
+  at::Tensor y = forward(x, w_in, b_in, w_out, depth, act, placement, thr, route, true, &paths);
   return {y, paths};
 }
 
@@ -702,15 +744,16 @@ std::tuple<at::Tensor, at::Tensor> infer_paths(const at::Tensor& x, const at::Te
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_set_block", [](int64_t b) { g_block = b > 0 ? b : 256; }, "tokens per block (tuning experiments only)");
   m.doc() = "treeffn fused tree-FFN inference kernel (see treeffn/kernels/tree_infer.py)";
-  m.def("infer", &infer, "y = tree layer(x); act: 0 gelu 1 relu 2 tanh 3 silu 4 identity; placement: 0 node 1 output",
+  m.def("infer", &infer, "y = tree layer(x); act: 0 gelu 1 relu 2 tanh 3 silu 4 identity; placement: 0 node 1 output; route: "
+        "0 self 1 children",
         pybind11::arg("x"), pybind11::arg("w_in"), pybind11::arg("b_in"), pybind11::arg("w_out"),
         pybind11::arg("depth"), pybind11::arg("act"), pybind11::arg("placement"),
-        pybind11::arg("thr") = pybind11::none());
+        pybind11::arg("thr") = pybind11::none(), pybind11::arg("route") = 0);
   m.def("try_infer", &try_infer, "infer, or None for tensors off the CPU or of another dtype; arguments as infer",
         pybind11::arg("x"), pybind11::arg("w_in"), pybind11::arg("b_in"), pybind11::arg("w_out"),
         pybind11::arg("depth"), pybind11::arg("act"), pybind11::arg("placement"),
-        pybind11::arg("thr") = pybind11::none());
+        pybind11::arg("thr") = pybind11::none(), pybind11::arg("route") = 0);
   m.def("infer_paths", &infer_paths, "(y, paths (M, K, L) int64); arguments as infer", pybind11::arg("x"),
         pybind11::arg("w_in"), pybind11::arg("b_in"), pybind11::arg("w_out"), pybind11::arg("depth"),
-        pybind11::arg("act"), pybind11::arg("placement"), pybind11::arg("thr") = pybind11::none());
+        pybind11::arg("act"), pybind11::arg("placement"), pybind11::arg("thr") = pybind11::none(), pybind11::arg("route") = 0);
 }

@@ -3,6 +3,7 @@
 // Shapes: M tokens, D model width, K trees, L = depth + 1 levels, N = 2^L - 1 nodes per tree, W units per node.
 //   x (M, D);  w_in, w_out (K, N, W, D);  b_in (K, N, W) or None;  y (M, D);  paths (M, K, L) int64
 //   thr (K, N) fp32 or None: routing thresholds (tree.balance), no gradient
+//   paths_in (M, K, L) int64 or None: paths routed by the caller (tree.route=children); thr is then unused
 //
 // For token m, tree k, level t, visited node j = paths[m, k, t], unit w:
 //   lam = u_kjw . x_m + b_kjw          right child iff  sum_w lam > thr_kj (0 without thr; no gradient)
@@ -364,7 +365,7 @@ inline int64_t tree_group(const Shape& s, int64_t elem_bytes) {
 // chunk in leaf order, so neighbouring tokens share most of their path).
 template <typename T>
 void forward_impl(const Shape& s, const T* x, const T* w_in, const T* b_in, const T* w_out, const float* thr,
-                  int act, int placement, typename AccOf<T>::type* yacc, int64_t* paths,
+                  const int64_t* given, int act, int placement, typename AccOf<T>::type* yacc, int64_t* paths,
                   typename AccOf<T>::type* lam) {
   using A = typename AccOf<T>::type;
   constexpr int RB = 4;
@@ -416,9 +417,15 @@ void forward_impl(const Shape& s, const T* x, const T* w_in, const T* b_in, cons
                 }
               }
               for (int i = 0; i < nb; ++i) {
-                paths[((mb + i) * K + k) * L + t] = node[i];
-                const A th = thr ? A(thr[k * N + node[i]]) : A(0);
-                node[i] = 2 * node[i] + 1 + (score[i] > th ? 1 : 0);
+                const int64_t at = ((mb + i) * K + k) * L + t;
+                paths[at] = node[i];
+                if (t + 1 == L) continue;
+                if (given) {  // routed by the caller (tree.route=children): take its next node
+                  node[i] = given[at + 1];
+                } else {
+                  const A th = thr ? A(thr[k * N + node[i]]) : A(0);
+                  node[i] = 2 * node[i] + 1 + (score[i] > th ? 1 : 0);
+                }
               }
             }
           }
@@ -771,8 +778,25 @@ T* mptr(at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr<S>()); }
 // -> (y, paths, lam)
 std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& w_in, const std::optional<at::Tensor>& b_in,
                                 const at::Tensor& w_out, int64_t depth, int64_t act, int64_t placement,
-                                const std::optional<at::Tensor>& thr_in) {
+                                const std::optional<at::Tensor>& thr_in,
+                                const std::optional<at::Tensor>& paths_in) {
   const Shape s = check(x, w_in, b_in, w_out, depth);
+  at::Tensor given_t;
+  if (paths_in.has_value()) {  // the caller's paths: (M, K, L) int64, a child of the previous level's node each
+    TORCH_CHECK(paths_in->dim() == 3 && paths_in->size(0) == s.M && paths_in->size(1) == s.K &&
+                    paths_in->size(2) == s.L && paths_in->device().is_cpu() && paths_in->scalar_type() == at::kLong,
+                "tree_train cpp: given paths must be (M, K, L) int64 on the CPU");
+    given_t = paths_in->contiguous();
+    const int64_t* g = given_t.data_ptr<int64_t>();
+    bool ok = true;
+    for (int64_t r = 0; r < s.M * s.K && ok; ++r)
+      for (int64_t t = 0; t < s.L && ok; ++t) {
+        const int64_t j = g[r * s.L + t], prev = t ? g[r * s.L + t - 1] : -1;
+        ok = t ? (j == 2 * prev + 1 || j == 2 * prev + 2) : j == 0;
+      }
+    TORCH_CHECK(ok, "tree_train cpp: given paths must start at the root and go to a child at every level");
+  }
+  const int64_t* given = given_t.defined() ? given_t.data_ptr<int64_t>() : nullptr;
   at::Tensor thr_t;
   if (thr_in.has_value()) {
     TORCH_CHECK(thr_in->dim() == 2 && thr_in->size(0) == s.K && thr_in->size(1) == s.N && thr_in->device().is_cpu(),
@@ -788,18 +812,18 @@ std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& w_in, con
   switch (x.scalar_type()) {
     case at::kFloat:
       forward_impl<float>(s, ptr<float, float>(x), ptr<float, float>(w_in), hb ? ptr<float, float>(*b_in) : nullptr,
-                          ptr<float, float>(w_out), thr, int(act), int(placement), yacc.data_ptr<float>(),
+                          ptr<float, float>(w_out), thr, given, int(act), int(placement), yacc.data_ptr<float>(),
                           paths.data_ptr<int64_t>(), lam.data_ptr<float>());
       break;
     case at::kBFloat16:
       forward_impl<bf16_t>(s, ptr<bf16_t, at::BFloat16>(x), ptr<bf16_t, at::BFloat16>(w_in),
-                           hb ? ptr<bf16_t, at::BFloat16>(*b_in) : nullptr, ptr<bf16_t, at::BFloat16>(w_out), thr,
+                           hb ? ptr<bf16_t, at::BFloat16>(*b_in) : nullptr, ptr<bf16_t, at::BFloat16>(w_out), thr, given,
                            int(act), int(placement), yacc.data_ptr<float>(), paths.data_ptr<int64_t>(),
                            lam.data_ptr<float>());
       break;
     case at::kDouble:
       forward_impl<double>(s, ptr<double, double>(x), ptr<double, double>(w_in),
-                           hb ? ptr<double, double>(*b_in) : nullptr, ptr<double, double>(w_out), thr, int(act),
+                           hb ? ptr<double, double>(*b_in) : nullptr, ptr<double, double>(w_out), thr, given, int(act),
                            int(placement), yacc.data_ptr<double>(), paths.data_ptr<int64_t>(),
                            lam.data_ptr<double>());
       break;
