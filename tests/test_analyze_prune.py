@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from treeffn import checkpoint as ckpt
-from treeffn.analyze import analyze, collect_visits, open_split, union_touched
+from treeffn.analyze import analyze, choice_quality, collect_visits, open_split, union_touched
 from treeffn.cli import main
 from treeffn.config import get_config
 from treeffn.kernels.tree_infer import tree_infer_torch
@@ -65,7 +65,36 @@ def test_analyze_cli_writes_json_and_plots(tree_run, tmp_path, capsys):
         visits = torch.tensor(r["visits"])
         assert visits.shape == (4, 63) and (visits[:, 0] == res["tokens"]).all()
         assert r["active_fraction"] == pytest.approx(6 / 63)
+        assert 0.0 < r["choice_overlap"] <= 1.0 and 0.0 < r["choice_capture"] <= 1.0
+    assert "choice of units" in printed
     assert (out / "levels.png").stat().st_size > 1000 and (out / "training.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("placement", ["node", "output"])
+def test_choice_quality_against_a_brute_force_top_k(placement):
+    torch.manual_seed(0)
+    layer = TreeFFN(8, trees=2, depth=2, node_width=2, placement=placement)
+    layer.requires_grad_(False)
+    x = torch.randn(20, 8)
+    paths = layer.paths(x)
+    got = choice_quality(layer, x, paths)
+    act = torch.nn.functional.gelu if placement == "node" else (lambda z: z)
+    overlap = capture = 0.0
+    for m in range(20):
+        c = {}
+        for k in range(2):
+            for j in range(7):
+                for w in range(2):
+                    lam = float(layer.w_in[k, j, w] @ x[m] + layer.b_in[k, j, w])
+                    c[(k, j, w)] = abs(float(act(torch.tensor(lam)))) * float(layer.w_out[k, j, w].norm())
+        used = {(k, int(paths[m, k, t]), w) for k in range(2) for t in range(3) for w in range(2)}
+        best = sorted(c, key=c.get, reverse=True)[:12]
+        overlap += len(used & set(best)) / 12
+        capture += sum(c[u] for u in used) / sum(c[b] for b in best)
+    torch.testing.assert_close(got, torch.tensor([overlap, capture], dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    # depth 0: every unit is on the path, the choice is perfect
+    dense = TreeFFN(8, trees=3, depth=0, node_width=2, placement=placement)
+    assert torch.allclose(choice_quality(dense, x, dense.paths(x)), torch.tensor([20.0, 20.0], dtype=torch.float64))
 
 
 def test_union_touched_agrees_with_stats():

@@ -554,6 +554,7 @@ def reading(rows: list[dict]) -> list[str]:
     cmp("tree-output", "tree-output-faithful", "routing thresholds on vs off, output placement")
     cmp("tree-output", "tree-node", "placement")
     cmp("tree-1x7w4", "tree-node", "one tree of 4-unit nodes vs four trees of 1-unit nodes")
+    cmp("tree-node-children", "tree-node", "routing by the children's units vs the node's own")
     for other in ("moe-top1", "moe-top2", "topk-32of1020"):
         cmp("tree-node", other, "32 active units each")
     out += autoprune_contrast(rows)
@@ -648,7 +649,30 @@ def choice_findings(rows: list[dict]) -> list[str]:
                 f"({others}). The shortfall of conditional computation here is the quality of the choice, not the "
                 "number of active units, which points the next experiments at the routing rule: for instance routing "
                 "a token to the child whose unit responds more, so that each hard decision compares the units it "
-                "chooses between, as top-k does.", ""]
+                "chooses between, as top-k does"
+                + (" (measured below)." if "tree-node-children" in fin else "."), ""]
+    if "tree-node-children" in fin:
+        c, t = _mean(fin["tree-node-children"]), _mean(fin["tree-node"])
+        sd = statistics.stdev(fin["tree-node"]) if len(fin["tree-node"]) > 1 else float("nan")
+        z = abs(c - t) / sd if sd == sd and sd > 0 else float("nan")
+        if c < t and z > 3:
+            verdict = "a gain beyond seed noise, but a small one"
+        elif c < t:
+            verdict = "better, but within 3 seed standard deviations"
+        else:
+            verdict = "no gain"
+        tail = ""
+        if "topk-32of1020" in fin:
+            tail = (f" The top-k MLP's {_mean(fin['topk-32of1020']):.4f} stays far off: a greedy walk that compares "
+                    "two candidates per level does not find the units that a choice over all 1,020 pre-activations "
+                    "finds.")
+        out += [f"**Routing by children.** Routing each token to the child whose unit responds more "
+                f"(tree-node-children, `tree.route=children`; {len(fin['tree-node-children'])} seed"
+                f"{'s' if len(fin['tree-node-children']) > 1 else ''}) reaches "
+                f"{c:.4f} against {t:.4f} for tree-node ({len(fin['tree-node'])} seeds, sd {sd:.4f}): "
+                f"{c / t - 1:+.2%}, {z:.1f} seed standard deviations, {verdict}; it recovers {share('tree-node-children')} "
+                f"of the 32 → 1,020 gain against tree-node's {share('tree-node')}, and reads 15 input rows per "
+                f"tree and token instead of 8 (1.44x the layer's FLOPs).{tail}", ""]
     if "tree-1x7w4" in fin:
         w4, t = _mean(fin["tree-1x7w4"]), _mean(fin["tree-node"])
         out += [f"**Node width.** One tree of depth 7 with 4-unit nodes (the same 32 active of 1,020 units, read as "

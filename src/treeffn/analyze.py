@@ -12,6 +12,11 @@ measures, per tree layer, on fixed validation windows (the same ones ``treeffn e
 * ``union_sparsity``  BlockFFN's chunk-level sparsity: for n consecutive tokens of a window, the fraction of the
   layer's units touched by any of them, averaged over chunks. Near (D+1)/N·n when tokens route independently and
   the tree is balanced, lower when neighbouring tokens share paths (what a chunked kernel or a cache can exploit).
+* ``choice_overlap``, ``choice_capture``  how good the routing's choice of units is, against the choice a top-k
+  layer would make from the same weights (trained tree layers only): every unit's contribution to the token's
+  output has magnitude c_i = |φ(λ_i)|·‖v_i‖ ("node" placement; |λ_i|·‖v_i‖ for "output"), and the oracle takes the A
+  units of largest c_i, A the units the paths use. ``choice_overlap`` is the mean fraction of the oracle's units on
+  the token's paths, ``choice_capture`` the mean of Σ_path c_i / Σ_oracle c_i (both 1 for a perfect choice).
 
 Visit counts come from the layers' own statistics (``model.set_track_stats(True)``, the numbers training logs);
 paths for the union are recomputed from each tree layer's input, captured with a forward pre-hook, by
@@ -38,7 +43,8 @@ from .errors import ConfigError, TreeffnError
 from . import checkpoint as ckpt
 from .data import Batches, check_vocab, load_meta, load_tokens, resolve_data
 from .device import resolve_device
-from .layers.tree import TreeLayer
+from .layers.tree import TreeFFN, TreeLayer
+from .ops.activations import activation_fn
 from .outputs import check_output_dir, write_json_atomic
 from .stats import level_utilisation, tree_summary
 
@@ -91,18 +97,43 @@ def union_touched(paths: torch.Tensor, n_nodes: int, chunk: int) -> tuple[float,
     return float(touched[:, :-1].sum()), B * n
 
 
+@torch.no_grad()
+def choice_quality(layer: TreeFFN, x: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:
+    """Sums over the tokens of x (M, D) of (choice_overlap, choice_capture) (module docstring), paths (M, K, L) the
+    tokens' walks: a float64 tensor of 2."""
+    K, N, W, D = layer.w_in.shape
+    M, L = x.shape[0], paths.shape[-1]
+    lam = torch.einsum("md,knwd->mknw", x.float(), layer.w_in.float())
+    if layer.b_in is not None:
+        lam = lam + layer.b_in.float()
+    mag = activation_fn(layer.activation)(lam).abs() if layer.placement == "node" else lam.abs()
+    c = (mag * layer.w_out.float().norm(dim=-1)).reshape(M, K * N * W).double()
+    cols = ((paths + (torch.arange(K, device=x.device) * N).view(1, K, 1)) * W).unsqueeze(-1)
+    cols = (cols + torch.arange(W, device=x.device)).reshape(M, K * L * W)
+    top = c.topk(K * L * W, dim=1)
+    on_path = torch.zeros_like(c, dtype=torch.bool).scatter_(1, cols, True)
+    overlap = on_path.gather(1, top.indices).double().mean(1)
+    capture = c.gather(1, cols).sum(1) / top.values.sum(1).clamp_min(1e-30)
+    return torch.stack([overlap.sum(), capture.sum()]).cpu()
+
+
 class _PathRecorder:
-    """Forward pre-hooks on the tree layers: each call's input becomes paths (B, T, K, L), kept until taken."""
+    """Forward pre-hooks on the tree layers: each call's input becomes paths (B, T, K, L), kept until taken; for
+    trained tree layers the sums of :func:`choice_quality` accumulate in ``choice``."""
 
     def __init__(self, layers: list[tuple[int, nn.Module]]):
         self.paths: dict[int, list[torch.Tensor]] = {i: [] for i, _ in layers}
+        self.choice: dict[int, torch.Tensor] = {i: torch.zeros(2, dtype=torch.float64) for i, _ in layers}
         self.handles = [f.register_forward_pre_hook(self._hook(i)) for i, f in layers]
 
     def _hook(self, i: int):
         def hook(module, args):
             x = args[0]
             T = x.shape[-2] if x.dim() >= 3 else x.shape[0]  # (B, T, D) from a block; (M, D) read as one window
-            p = layer_paths(module, x.reshape(-1, x.shape[-1]))
+            x2 = x.reshape(-1, x.shape[-1])
+            p = layer_paths(module, x2)
+            if isinstance(module, TreeFFN):
+                self.choice[i] += choice_quality(module, x2, p)
             self.paths[i].append(p.reshape(-1, T, *p.shape[1:]))
         return hook
 
@@ -122,8 +153,9 @@ def collect_visits(model: nn.Module, batches, starts: torch.Tensor, batch_size: 
     """Run ``model`` on the windows at ``starts`` and accumulate routing statistics of every tree layer.
 
     Returns ``{"layers": [block indices], "counts": [(K, N) int64], "union": [{chunk: (touched sum, chunks)}],
-    "leaves": [(tokens, K) int64 last visited node per token and tree] or None, "tokens": int}``; tokens are in
-    window order, the same for every layer, so per-token flags can be combined across layers.
+    "leaves": [(tokens, K) int64 last visited node per token and tree] or None, "tokens": int, "choice": [(overlap,
+    capture) means, or None for a pruned layer]}``; tokens are in window order, the same for every layer, so
+    per-token flags can be combined across layers.
     """
     layers = require_tree_layers(model, "the model")
     was = model.training
@@ -173,6 +205,8 @@ def collect_visits(model: nn.Module, batches, starts: torch.Tensor, batch_size: 
         "union": [union[i] for i in idx],
         "leaves": [torch.cat(leaves[i], 0) for i in idx] if keep_leaves and tokens else None,
         "tokens": tokens,
+        "choice": [(rec.choice[i] / tokens).tolist() if tokens and isinstance(f, TreeFFN) else None
+                   for i, f in layers],
     }
 
 
@@ -236,10 +270,14 @@ def analyze(path: str | Path, data: str | Path | None = None, windows: int = DEF
     starts = batches.eval_starts(windows)
     col = collect_visits(model, batches, starts, batch_size, dev, chunks, progress=progress)
     reports = []
-    for (i, f), counts, union in zip(layers, col["counts"], col["union"]):
+    for (i, f), counts, union, choice in zip(layers, col["counts"], col["union"], col["choice"]):
         r = {"layer": i, **layer_report(f, counts, union), "visits": counts.tolist()}
+        if choice is not None:
+            r["choice_overlap"], r["choice_capture"] = choice
         reports.append(r)
     keys = ("leaf_util", "dead_nodes", "path_entropy", "active_fraction", "alive_fraction")
+    if all("choice_overlap" in r for r in reports):
+        keys += ("choice_overlap", "choice_capture")
     mean = {k: sum(r[k] for r in reports) / len(reports) for k in keys}
     result = {
         "checkpoint": str(folder),
@@ -405,6 +443,9 @@ def format_report(res: dict) -> str:
                      else f" {'-':>10}" for c in chunks)
         lines.append(f"{r['layer']:>5} {r['leaf_util']:>9.3f} {r['dead_nodes']:>6.3f} {r['path_entropy']:>7.3f} "
                      f"{r['active_fraction']:>7.4f} {r['alive_fraction']:>6.3f}{us}")
+    if all("choice_overlap" in r for r in res["layers"]):
+        lines += ["", "choice of units against a top-k choice from the same weights (overlap / capture):"]
+        lines += [f"  layer {r['layer']}: {r['choice_overlap']:.3f} / {r['choice_capture']:.3f}" for r in res["layers"]]
     lines += ["", "level utilisation (root first):"]
     for r in res["layers"]:
         lines.append(f"  layer {r['layer']}: " + " ".join(f"{v:.2f}" for v in r["level_util"]))
