@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from treeffn import checkpoint as ckpt
-from treeffn.analyze import analyze, choice_quality, collect_visits, open_split, union_touched
+from treeffn.analyze import analyze, choice_quality, collect_visits, open_split, random_walks, union_touched
 from treeffn.cli import main
 from treeffn.config import get_config
 from treeffn.kernels.tree_infer import tree_infer_torch
@@ -65,7 +65,8 @@ def test_analyze_cli_writes_json_and_plots(tree_run, tmp_path, capsys):
         visits = torch.tensor(r["visits"])
         assert visits.shape == (4, 63) and (visits[:, 0] == res["tokens"]).all()
         assert r["active_fraction"] == pytest.approx(6 / 63)
-        assert 0.0 < r["choice_overlap"] <= 1.0 and 0.0 < r["choice_capture"] <= 1.0
+        for k in ("choice_overlap", "choice_capture", "choice_overlap_random", "choice_capture_random"):
+            assert 0.0 < r[k] <= 1.0, (k, r[k])
     assert "choice of units" in printed
     assert (out / "levels.png").stat().st_size > 1000 and (out / "training.png").stat().st_size > 1000
 
@@ -94,7 +95,13 @@ def test_choice_quality_against_a_brute_force_top_k(placement):
     torch.testing.assert_close(got, torch.tensor([overlap, capture], dtype=torch.float64), rtol=1e-5, atol=1e-6)
     # depth 0: every unit is on the path, the choice is perfect
     dense = TreeFFN(8, trees=3, depth=0, node_width=2, placement=placement)
-    assert torch.allclose(choice_quality(dense, x, dense.paths(x)), torch.tensor([20.0, 20.0], dtype=torch.float64))
+    g = torch.Generator().manual_seed(0)
+    assert torch.allclose(choice_quality(dense, x, dense.paths(x), g), torch.full((4,), 20.0, dtype=torch.float64))
+    # random walks: the second pair is the first pair computed on those walks
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    walks = random_walks(20, 2, 2, g1)
+    assert ((walks[:, :, 1:] - 2 * walks[:, :, :-1]) >= 1).all() and ((walks[:, :, 1:] - 2 * walks[:, :, :-1]) <= 2).all()
+    torch.testing.assert_close(choice_quality(layer, x, paths, g2)[2:], choice_quality(layer, x, walks))
 
 
 def test_union_touched_agrees_with_stats():

@@ -17,6 +17,8 @@ measures, per tree layer, on fixed validation windows (the same ones ``treeffn e
   output has magnitude c_i = |φ(λ_i)|·‖v_i‖ ("node" placement; |λ_i|·‖v_i‖ for "output"), and the oracle takes the A
   units of largest c_i, A the units the paths use. ``choice_overlap`` is the mean fraction of the oracle's units on
   the token's paths, ``choice_capture`` the mean of Σ_path c_i / Σ_oracle c_i (both 1 for a perfect choice).
+  ``choice_overlap_random`` and ``choice_capture_random``: the same for uniformly random walks (a fixed seed), the
+  floor a routing rule should beat (the overlap's expectation is A / the layer's units).
 
 Visit counts come from the layers' own statistics (``model.set_track_stats(True)``, the numbers training logs);
 paths for the union are recomputed from each tree layer's input, captured with a forward pre-hook, by
@@ -98,9 +100,20 @@ def union_touched(paths: torch.Tensor, n_nodes: int, chunk: int) -> tuple[float,
 
 
 @torch.no_grad()
-def choice_quality(layer: TreeFFN, x: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:
+def random_walks(M: int, K: int, depth: int, generator: torch.Generator) -> torch.Tensor:
+    """Uniformly random root-to-leaf walks (M, K, depth + 1) int64."""
+    steps = torch.randint(0, 2, (M, K, depth), generator=generator)
+    paths = torch.zeros(M, K, depth + 1, dtype=torch.long)
+    for t in range(depth):
+        paths[:, :, t + 1] = 2 * paths[:, :, t] + 1 + steps[:, :, t]
+    return paths
+
+
+@torch.no_grad()
+def choice_quality(layer: TreeFFN, x: torch.Tensor, paths: torch.Tensor,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
     """Sums over the tokens of x (M, D) of (choice_overlap, choice_capture) (module docstring), paths (M, K, L) the
-    tokens' walks: a float64 tensor of 2."""
+    tokens' walks: a float64 tensor of 2; with ``generator``, of 4: then the same for random walks."""
     K, N, W, D = layer.w_in.shape
     M, L = x.shape[0], paths.shape[-1]
     lam = torch.einsum("md,knwd->mknw", x.float(), layer.w_in.float())
@@ -108,13 +121,20 @@ def choice_quality(layer: TreeFFN, x: torch.Tensor, paths: torch.Tensor) -> torc
         lam = lam + layer.b_in.float()
     mag = activation_fn(layer.activation)(lam).abs() if layer.placement == "node" else lam.abs()
     c = (mag * layer.w_out.float().norm(dim=-1)).reshape(M, K * N * W).double()
-    cols = ((paths + (torch.arange(K, device=x.device) * N).view(1, K, 1)) * W).unsqueeze(-1)
-    cols = (cols + torch.arange(W, device=x.device)).reshape(M, K * L * W)
     top = c.topk(K * L * W, dim=1)
-    on_path = torch.zeros_like(c, dtype=torch.bool).scatter_(1, cols, True)
-    overlap = on_path.gather(1, top.indices).double().mean(1)
-    capture = c.gather(1, cols).sum(1) / top.values.sum(1).clamp_min(1e-30)
-    return torch.stack([overlap.sum(), capture.sum()]).cpu()
+
+    def score(p: torch.Tensor) -> list[torch.Tensor]:
+        cols = ((p.to(x.device) + (torch.arange(K, device=x.device) * N).view(1, K, 1)) * W).unsqueeze(-1)
+        cols = (cols + torch.arange(W, device=x.device)).reshape(M, K * L * W)
+        on_path = torch.zeros_like(c, dtype=torch.bool).scatter_(1, cols, True)
+        overlap = on_path.gather(1, top.indices).double().mean(1)
+        capture = c.gather(1, cols).sum(1) / top.values.sum(1).clamp_min(1e-30)
+        return [overlap.sum(), capture.sum()]
+
+    sums = score(paths)
+    if generator is not None:
+        sums += score(random_walks(M, K, L - 1, generator))
+    return torch.stack(sums).cpu()
 
 
 class _PathRecorder:
@@ -123,7 +143,8 @@ class _PathRecorder:
 
     def __init__(self, layers: list[tuple[int, nn.Module]]):
         self.paths: dict[int, list[torch.Tensor]] = {i: [] for i, _ in layers}
-        self.choice: dict[int, torch.Tensor] = {i: torch.zeros(2, dtype=torch.float64) for i, _ in layers}
+        self.choice: dict[int, torch.Tensor] = {i: torch.zeros(4, dtype=torch.float64) for i, _ in layers}
+        self.generator = torch.Generator().manual_seed(0)
         self.handles = [f.register_forward_pre_hook(self._hook(i)) for i, f in layers]
 
     def _hook(self, i: int):
@@ -133,7 +154,7 @@ class _PathRecorder:
             x2 = x.reshape(-1, x.shape[-1])
             p = layer_paths(module, x2)
             if isinstance(module, TreeFFN):
-                self.choice[i] += choice_quality(module, x2, p)
+                self.choice[i] += choice_quality(module, x2, p, self.generator)
             self.paths[i].append(p.reshape(-1, T, *p.shape[1:]))
         return hook
 
@@ -154,8 +175,8 @@ def collect_visits(model: nn.Module, batches, starts: torch.Tensor, batch_size: 
 
     Returns ``{"layers": [block indices], "counts": [(K, N) int64], "union": [{chunk: (touched sum, chunks)}],
     "leaves": [(tokens, K) int64 last visited node per token and tree] or None, "tokens": int, "choice": [(overlap,
-    capture) means, or None for a pruned layer]}``; tokens are in window order, the same for every layer, so
-    per-token flags can be combined across layers.
+    capture, random walks' overlap, capture) means, or None for a pruned layer]}``; tokens are in window order, the
+    same for every layer, so per-token flags can be combined across layers.
     """
     layers = require_tree_layers(model, "the model")
     was = model.training
@@ -273,11 +294,12 @@ def analyze(path: str | Path, data: str | Path | None = None, windows: int = DEF
     for (i, f), counts, union, choice in zip(layers, col["counts"], col["union"], col["choice"]):
         r = {"layer": i, **layer_report(f, counts, union), "visits": counts.tolist()}
         if choice is not None:
-            r["choice_overlap"], r["choice_capture"] = choice
+            keys = ("choice_overlap", "choice_capture", "choice_overlap_random", "choice_capture_random")
+            r.update(zip(keys, choice))
         reports.append(r)
     keys = ("leaf_util", "dead_nodes", "path_entropy", "active_fraction", "alive_fraction")
     if all("choice_overlap" in r for r in reports):
-        keys += ("choice_overlap", "choice_capture")
+        keys += ("choice_overlap", "choice_capture", "choice_overlap_random", "choice_capture_random")
     mean = {k: sum(r[k] for r in reports) / len(reports) for k in keys}
     result = {
         "checkpoint": str(folder),
@@ -444,8 +466,9 @@ def format_report(res: dict) -> str:
         lines.append(f"{r['layer']:>5} {r['leaf_util']:>9.3f} {r['dead_nodes']:>6.3f} {r['path_entropy']:>7.3f} "
                      f"{r['active_fraction']:>7.4f} {r['alive_fraction']:>6.3f}{us}")
     if all("choice_overlap" in r for r in res["layers"]):
-        lines += ["", "choice of units against a top-k choice from the same weights (overlap / capture):"]
-        lines += [f"  layer {r['layer']}: {r['choice_overlap']:.3f} / {r['choice_capture']:.3f}" for r in res["layers"]]
+        lines += ["", "choice of units against a top-k choice from the same weights (overlap / capture; random walks):"]
+        lines += [f"  layer {r['layer']}: {r['choice_overlap']:.3f} / {r['choice_capture']:.3f}; "
+                  f"{r['choice_overlap_random']:.3f} / {r['choice_capture_random']:.3f}" for r in res["layers"]]
     lines += ["", "level utilisation (root first):"]
     for r in res["layers"]:
         lines.append(f"  layer {r['layer']}: " + " ".join(f"{v:.2f}" for v in r["level_util"]))
