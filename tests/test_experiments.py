@@ -48,3 +48,27 @@ def test_sparsity_frontier_study_on_a_tiny_llama(tmp_path):
     before = (tmp_path / "runs" / "sparsity-frontier" / "commits.json").read_text()
     assert frontier.main(args) == 0  # everything reused: nothing remade
     assert (tmp_path / "runs" / "sparsity-frontier" / "commits.json").read_text() == before
+
+
+def test_quality_report_pieces():
+    quality = _load(ROOT / "experiments" / "quality" / "run.py")
+    # FFN FLOPs by the current accounting: routing by children reads both children's input rows
+    assert quality.ffn_flops("tree-node-children") / quality.ffn_flops("tree-node") == pytest.approx(2 * 92 / 128)
+    assert quality.ffn_flops("tree-node") == quality.ffn_flops("dense-32")  # 32 active units, 2 rows each
+
+    def row(name, seed, loss, choice=None):
+        r = {"name": name, "seed": seed, "steps": quality.EPOCH, "eval": {"val_loss": loss}}
+        if choice is not None:
+            r["choice"] = dict(zip(quality.CHOICE_KEYS, choice))
+        return r
+
+    rows = [row("dense-32", 0, 4.64), row("dense-1020", 0, 4.42), row("topk-32of1020", 0, 4.43),
+            row("tree-node", 0, 4.59, (0.05, 0.16, 0.03, 0.13)), row("tree-node", 1, 4.58, (0.07, 0.18, 0.03, 0.13)),
+            row("tree-node-children", 0, 4.55, (0.09, 0.23, 0.03, 0.13))]
+    table = "\n".join(quality.choice_table(rows))
+    assert "| tree-node (2 seeds) | 0.060 | 0.170 | 0.030 | 0.130 |" in table
+    assert "| tree-node-children (1 seed) | 0.090 | 0.230 |" in table
+    text = "\n".join(quality.choice_findings(rows))
+    assert "**Routing by children.**" in text and "reaches 4.5500 against 4.5850" in text
+    assert "(measured below)" in text  # the top-k paragraph points at the measurement, not at a plan
+    assert quality.choice_table([row("dense-32", 0, 4.64)]) == []

@@ -20,6 +20,7 @@ schedule), the same seed-determined batches and the same token budget; only the 
     .venv/bin/python experiments/quality/run.py --runs tree-node,dense-1020 --seeds 0,1,2 --steps 1200
     .venv/bin/python experiments/quality/run.py --report-only          # rewrite docs/quality.md from what exists
     .venv/bin/python experiments/quality/run.py --speed --report-only  # add decoding tokens/s (on an idle machine)
+    .venv/bin/python experiments/quality/run.py --choice --report-only # add the choice-of-units statistics
 
 Each run is a ``treeffn train --resume`` subprocess checkpointing every 100 steps into ``--out/<name>-s<seed>-
 <steps>``: stop the study at any time and start it again, and it continues where it stopped; finished runs are
@@ -35,12 +36,14 @@ training run is going: a timing taken beside another job is not a figure.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -188,6 +191,40 @@ def measure_speed(run: Path) -> dict:
     return rec
 
 
+CHOICE_WINDOWS = 32
+CHOICE_KEYS = ("choice_overlap", "choice_capture", "choice_overlap_random", "choice_capture_random")
+
+
+def measure_choice(run: Path, data: Path) -> dict | None:
+    """``treeffn analyze``'s choice-of-units statistics (means over layers) on CHOICE_WINDOWS validation windows,
+    cached in choice.json; None for a model without tree layers."""
+    from treeffn import checkpoint as ckpt
+    from treeffn.analyze import analyze
+
+    if ckpt.load_config(ckpt.resolve(run)).ffn.kind != "tree":
+        return None
+    cache = run / "choice.json"
+    stamp = (ckpt.resolve(run) / "model.safetensors").stat().st_mtime
+    if cache.is_file() and cache.stat().st_mtime > stamp:
+        return json.loads(cache.read_text())
+    print(f"[{run.name}] choice of units on {CHOICE_WINDOWS} validation windows", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        a = analyze(run, data, windows=CHOICE_WINDOWS, out=tmp, plots=False, progress=False, overwrite=True)
+    rec = {k: a["mean"][k] for k in CHOICE_KEYS} | {"windows": CHOICE_WINDOWS}
+    cache.write_text(json.dumps(rec, indent=2))
+    return rec
+
+
+@functools.cache
+def ffn_flops(name: str) -> float:
+    """FFN FLOPs per token of a run of the plan, by the current code's accounting (a run's stored figure is that
+    of the commit it ran, and the accounting of tree.route=children changed after its first run)."""
+    from treeffn.config import get_config
+    from treeffn.model import GPT
+
+    return GPT(get_config(PRESET, RUNS[name][1])).flops_per_token()["ffn"]
+
+
 DIAG = ("align", "centre", "margin", "live_grad", "u_norm", "b_abs")
 
 
@@ -230,7 +267,8 @@ def summary_path(docs: Path, name: str, seed: int, steps: int) -> Path:
     return docs.parent / "quality" / "runs" / f"{name}-s{seed}-{steps}.json"
 
 
-def collect(out: Path, data: Path, plan: list[tuple[str, int, int]], speed: bool, docs: Path) -> list[dict]:
+def collect(out: Path, data: Path, plan: list[tuple[str, int, int]], speed: bool, docs: Path,
+            choice: bool = False) -> list[dict]:
     """Rows for the report: live run folders first, else the committed summaries of finished runs."""
     rows = []
     for name, seed, steps in plan:
@@ -252,6 +290,10 @@ def collect(out: Path, data: Path, plan: list[tuple[str, int, int]], speed: bool
                 row["speed"] = json.loads((run / "speed.json").read_text())
             elif summary.is_file() and "speed" in json.loads(summary.read_text()):
                 row["speed"] = json.loads(summary.read_text())["speed"]
+            if choice or (run / "choice.json").is_file():
+                row["choice"] = measure_choice(run, data)
+            elif summary.is_file() and "choice" in json.loads(summary.read_text()):
+                row["choice"] = json.loads(summary.read_text())["choice"]
             summary.parent.mkdir(parents=True, exist_ok=True)
             keep = {k: v for k, v in row.items() if k != "run"}  # no machine paths in the committed summary
             keep["eval"] = {k: v for k, v in row["eval"].items() if k != "checkpoint"}
@@ -354,8 +396,8 @@ def plot(rows: list[dict], fig_dir: Path) -> list[Path]:
         ax1, ax2 = fig.subplots(1, 2)
         for r in done:
             e = r["eval"]
-            ax1.scatter(e["ffn_flops_per_token"] / 1e6, e["val_loss"])
-            ax1.annotate(f"{r['name']} s{r['seed']}", (e["ffn_flops_per_token"] / 1e6, e["val_loss"]), fontsize=7)
+            ax1.scatter(ffn_flops(r["name"]) / 1e6, e["val_loss"])
+            ax1.annotate(f"{r['name']} s{r['seed']}", (ffn_flops(r["name"]) / 1e6, e["val_loss"]), fontsize=7)
             if "speed" in r:
                 ax2.scatter(r["speed"]["decode_tok_per_s"], e["val_loss"])
                 ax2.annotate(f"{r['name']} s{r['seed']}", (r["speed"]["decode_tok_per_s"], e["val_loss"]), fontsize=7)
@@ -419,7 +461,7 @@ def write_report(rows: list[dict], docs: Path, figs: list[Path], command: str,
         tok = fmt_mean([r["curves"]["train_tok_per_s"] for r in fin], 0)
         dec = [r["speed"]["decode_tok_per_s"] for r in fin if "speed" in r]
         lines.append(f"| {name} | {RUNS[name][0]} | {steps} | {e0['ffn_units_active']:,.0f} | "
-                     f"{e0['ffn_flops_per_token']:,.0f} | {vl} | {bpb} | {dead} | {leaf} | {ent} | {tok} | "
+                     f"{ffn_flops(name):,.0f} | {vl} | {bpb} | {dead} | {leaf} | {ent} | {tok} | "
                      f"{fmt_mean(dec, 1) if dec else '–'} |")
     lines += ["", "Training tokens/s is the median of the logged windows and was taken while other work shared the "
               "machine; it is not a speed figure (docs/benchmarks.md has those).", ""]
@@ -427,6 +469,7 @@ def write_report(rows: list[dict], docs: Path, figs: list[Path], command: str,
     for f in rel:
         lines += [f"![{Path(f).stem}]({f})", ""]
     lines += reading(rows)
+    lines += choice_table(rows)
     lines += FINDINGS.format(**init_scales()).strip("\n").split("\n") + [""]
     lines += choice_findings(rows)
     lines += OPEN.strip("\n").split("\n") + [""]
@@ -625,6 +668,26 @@ def final_losses(rows: list[dict]) -> dict[str, list[float]]:
     return fin
 
 
+def choice_table(rows: list[dict]) -> list[str]:
+    """The choice-of-units statistics of the tree runs that have them (``--choice``), means over layers and seeds."""
+    got: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("choice") and r["steps"] == EPOCH:
+            got.setdefault(r["name"], []).append(r["choice"])
+    if not got:
+        return []
+    out = ["**Choice of units.** How well each tree's paths pick the units that respond most to a token, from "
+           f"`treeffn analyze` on {CHOICE_WINDOWS} validation windows (`--choice`): every unit's contribution has "
+           "magnitude |φ(λ)|·‖v‖ (|λ|·‖v‖ for output placement); *overlap* is the fraction of the 32 largest that lie "
+           "on the token's paths, *capture* the paths' share of the 32 largest contributions' sum (1 and 1 for the "
+           "choice a top-k layer makes from the same weights); uniformly random walks give the floor.", "",
+           "| run | overlap | capture | random walks: overlap | random walks: capture |", "|---|---:|---:|---:|---:|"]
+    for name, cs in got.items():
+        out.append(f"| {name} ({len(cs)} seed{'s' if len(cs) > 1 else ''}) | "
+                   + " | ".join(f"{_mean([c[k] for c in cs]):.3f}" for k in CHOICE_KEYS) + " |")
+    return out + [""]
+
+
 def choice_findings(rows: list[dict]) -> list[str]:
     """The paragraphs on which units a token uses (the top-k MLP, one tree of wide nodes), computed from the runs;
     empty until those runs exist."""
@@ -725,6 +788,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-minutes", type=float, default=0.0, help="launch no new run after this long (0 = no limit)")
     ap.add_argument("--report-only", action="store_true", help="train nothing; rebuild the report")
     ap.add_argument("--speed", action="store_true", help="measure decoding speed of finished runs (idle machine)")
+    ap.add_argument("--choice", action="store_true", help="measure the choice-of-units statistics of finished tree "
+                    "runs (treeffn analyze on a few validation windows; needs their checkpoints)")
     args = ap.parse_args(argv)
 
     from treeffn.data import default_data_dir, prepare
@@ -751,7 +816,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
             train_run(name, seed, steps, run, data)
     full_plan = plan if args.runs else DEFAULT_PLAN
-    rows = collect(args.out, data, full_plan, args.speed, args.docs)
+    rows = collect(args.out, data, full_plan, args.speed, args.docs, args.choice)
     figs = plot(rows, args.docs.parent / "quality")
     command = "python experiments/quality/run.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])
                                                      if (argv if argv is not None else sys.argv[1:]) else "")
