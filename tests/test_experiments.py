@@ -68,6 +68,7 @@ def test_quality_report_pieces():
     table = "\n".join(quality.choice_table(rows))
     assert "| tree-node (2 seeds) | 0.060 | 0.170 | 0.030 | 0.130 |" in table
     assert "| tree-node-children (1 seed) | 0.090 | 0.230 |" in table
+    assert "paths hold 6% of the 32 units" in table and "Routing by children raises this to 9% and 23%" in table
     text = "\n".join(quality.choice_findings(rows))
     assert "**Routing by children.**" in text and "reaches 4.5500 against 4.5850" in text
     assert "(measured below)" in text  # the top-k paragraph points at the measurement, not at a plan

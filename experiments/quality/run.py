@@ -83,7 +83,7 @@ DEFAULT_PLAN = (
     [(n, 0, EPOCH) for n in ("tree-node", "dense-1020", "dense-32", "tree-node-faithful", "tree-node-ufbinit",
                              "tree-output", "tree-node-ufb", "tree-output-faithful", "moe-top1", "moe-top2",
                              "tree-1x7w4", "topk-32of1020", "tree-node-children")]
-    + [(n, s, EPOCH) for s in (1, 2) for n in ("dense-1020", "tree-node", "dense-32")]
+    + [(n, s, EPOCH) for s in (1, 2) for n in ("dense-1020", "tree-node", "dense-32", "tree-node-children")]
     + [(n, 0, 3 * EPOCH) for n in ("dense-1020", "tree-node")]
 )
 
@@ -291,7 +291,8 @@ def collect(out: Path, data: Path, plan: list[tuple[str, int, int]], speed: bool
             elif summary.is_file() and "speed" in json.loads(summary.read_text()):
                 row["speed"] = json.loads(summary.read_text())["speed"]
             if choice or (run / "choice.json").is_file():
-                row["choice"] = measure_choice(run, data)
+                if (measured := measure_choice(run, data)) is not None:
+                    row["choice"] = measured
             elif summary.is_file() and "choice" in json.loads(summary.read_text()):
                 row["choice"] = json.loads(summary.read_text())["choice"]
             summary.parent.mkdir(parents=True, exist_ok=True)
@@ -685,7 +686,19 @@ def choice_table(rows: list[dict]) -> list[str]:
     for name, cs in got.items():
         out.append(f"| {name} ({len(cs)} seed{'s' if len(cs) > 1 else ''}) | "
                    + " | ".join(f"{_mean([c[k] for c in cs]):.3f}" for k in CHOICE_KEYS) + " |")
-    return out + [""]
+    out.append("")
+    if "tree-node" in got:
+        m = {k: _mean([c[k] for c in got["tree-node"]]) for k in CHOICE_KEYS}
+        text = (f"The default tree's paths hold {m['choice_overlap']:.0%} of the 32 units a top-k choice would take "
+                f"and {m['choice_capture']:.0%} of their contribution, against {m['choice_overlap_random']:.0%} and "
+                f"{m['choice_capture_random']:.0%} for random walks through the same trees: the hyperplane at each "
+                "node says little about which of the units below it will respond most")
+        if "tree-node-children" in got:
+            c = {k: _mean([x[k] for x in got["tree-node-children"]]) for k in CHOICE_KEYS}
+            text += (f". Routing by children raises this to {c['choice_overlap']:.0%} and {c['choice_capture']:.0%}, "
+                     "still far from a top-k layer's choice")
+        out += [text + ".", ""]
+    return out
 
 
 def choice_findings(rows: list[dict]) -> list[str]:
