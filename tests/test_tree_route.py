@@ -190,3 +190,16 @@ def test_cost_accounting_counts_the_compared_siblings():
     row = 2 * 16 * 4  # a node's W·D input (or output) floats of 4 bytes
     assert self_route.weight_bytes_read(1) == 3 * (5 + 5) * row
     assert children.weight_bytes_read(1) == 3 * (9 + 5) * row
+
+
+def test_bench_layer_times_routing_by_children(capsys):
+    import json
+
+    from treeffn.bench.layer import build_layer, main
+
+    assert build_layer("tree", 32, 2, 3, route="children").route == "children"
+    assert main(["--configs", "2x3", "--batches", "1,4", "--repeats", "3", "--budget-s", "0.1", "--d-model", "32",
+                 "--skip-fff", "--llc-mb", "1", "--cache", "warm", "--impls", "tree-cpp,tree-torch,dense-train",
+                 "--route", "children"]) == 0
+    data = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert data["settings"]["route"] == "children"

@@ -69,6 +69,7 @@ import torch
 from torch import nn
 
 from ..kernels.tree_infer import extension, tree_infer
+from ..ops.tree import ROUTES
 from .common import (
     dense_mlp,
     drop_unbuilt_cpp,
@@ -147,16 +148,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"layer copies rotated through in cold runs (0: enough to fill {EVICT_LLC}x the last-level "
                         f"cache, 2 to {MAX_COPIES})")
     p.add_argument("--skip-fff", action="store_true", help="do not time the fastfeedforward package")
+    p.add_argument("--route", choices=ROUTES, default="self",
+                   help="the tree's routing rule (tree.route): self (UFB-23), or children (both children's responses "
+                        "compared, their input rows read)")
     p.add_argument("--seed", type=int, default=0, help="random seed for weights and inputs")
     return p
 
 
-def build_layer(name: str, d_model: int, trees: int, depth: int, dtype=torch.float32) -> nn.Module:
-    """One shipped layer of the configuration, in eval mode: ``"tree"`` (whose weights the tree kernels run on) or a
-    baseline of :data:`BASELINES`."""
+def build_layer(name: str, d_model: int, trees: int, depth: int, dtype=torch.float32,
+                route: str = "self") -> nn.Module:
+    """One shipped layer of the configuration, in eval mode: ``"tree"`` (whose weights the tree kernels run on, with
+    routing rule ``route``) or a baseline of :data:`BASELINES`."""
     L, N = depth + 1, 2 ** (depth + 1) - 1
     if name == "tree":
-        layer = tree_ffn(d_model, trees, depth)
+        layer = tree_ffn(d_model, trees, depth, route=route)
     elif name == "dense-train":
         layer = dense_mlp(d_model, trees * (N + 1))  # a power-of-two width: see the module docstring
     elif name == "dense-infer":
@@ -225,12 +230,12 @@ def _fff_version() -> str | None:
 def _kernel_call(tree: nn.Module, impl: str) -> Callable:
     """The tree's inference kernel of ``impl`` on its weights, taken out of the module once."""
     w_in, b_in, w_out = tree.w_in.detach(), tree.b_in.detach(), tree.w_out.detach()
-    depth, backend = tree.depth, KERNEL_BACKENDS[impl]
-    return lambda x: tree_infer(x, w_in, b_in, w_out, depth, "gelu", "node", backend=backend)
+    depth, backend, route = tree.depth, KERNEL_BACKENDS[impl], tree.route
+    return lambda x: tree_infer(x, w_in, b_in, w_out, depth, "gelu", "node", backend=backend, route=route)
 
 
 def targets(d_model: int, trees: int, depth: int, impls: list[str], paths: list[str], dtype, fff, n_copies,
-            module_impl: str) -> list[tuple[str, str, list[Callable]]]:
+            module_impl: str, route: str = "self") -> list[tuple[str, str, list[Callable]]]:
     """(impl, path, one call per copy) for everything timed on one configuration; ``n_copies(first layer)`` says
     how many copies of each layer to build."""
 
@@ -242,7 +247,7 @@ def targets(d_model: int, trees: int, depth: int, impls: list[str], paths: list[
     tree_rows = [(impl, path) for impl in KERNEL_BACKENDS if impl in impls for path in paths
                  if path == "kernel" or impl == module_impl]
     if tree_rows:
-        tree_copies = copies(lambda: build_layer("tree", d_model, trees, depth, dtype))
+        tree_copies = copies(lambda: build_layer("tree", d_model, trees, depth, dtype, route))
         for impl, path in tree_rows:
             calls = tree_copies if path == "module" else [_kernel_call(t, impl) for t in tree_copies]
             out.append((impl, path, calls))
@@ -291,14 +296,14 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = {"configs": [f"{k}x{d}" for k, d in args.configs], "batches": args.batches, "d_model": D,
                 "dtype": args.dtype, "impls": impls, "cache": args.cache, "paths": args.paths, "grad_mode": "no_grad",
-                "node_width": 1, "activation": "gelu", "placement": "node",
+                "node_width": 1, "activation": "gelu", "placement": "node", "route": args.route,
                 "baseline": "dense-train", "dense_train_units": "K*2^L", "dense_infer_units": "K*L",
                 "moe": {"experts": MOE_EXPERTS, "top_k": MOE_TOP_K, "expert_units": "K*L", "aux_weight": 0.0},
                 "fastfeedforward": _fff_version(), "input_pool": POOL, "llc_bytes": llc,
                 "eviction_bytes": EVICT_LLC * llc if cold else 0, "cold_copies": args.cold_copies,
                 "max_cold_copies": MAX_COPIES, "warmup": WARMUP, "warmup_cutoff_s": WARMUP_CUTOFF_S,
                 "repeats": args.repeats, "min_repeats": MIN_REPEATS, "budget_s": args.budget_s, "seed": args.seed}
-    print(f"treeffn bench layer: D={D} dtype={args.dtype}; {env_line(env)}; "
+    print(f"treeffn bench layer: D={D} dtype={args.dtype} tree.route={args.route}; {env_line(env)}; "
           f"fastfeedforward={settings['fastfeedforward']}")
     if cold:
         print(f"cold: before every call, read {EVICT_LLC * llc / 2**20:.0f} MiB ({EVICT_LLC}x the last-level cache), "
@@ -316,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         L = depth + 1
         N = 2 ** L - 1
         ideal = N / L
-        timed = targets(D, K, depth, impls, args.paths, dtype, FFF, n_copies, module_impl)
+        timed = targets(D, K, depth, impls, args.paths, dtype, FFF, n_copies, module_impl, args.route)
         for M in args.batches:
             inputs = [torch.randn(M, D, generator=gen).to(dtype) for _ in range(POOL)]
             for cache in args.cache:
