@@ -45,8 +45,15 @@ def test_sparsity_frontier_study_on_a_tiny_llama(tmp_path):
     for label in ("dense import", "TEAL 10 %", "WINA 10 %"):
         assert f"| {label} |" in text
     assert "`tree-10`" in text and "Not run yet" in text  # rows not made are listed, not invented
+    evals = tmp_path / "runs" / "sparsity-frontier" / "evals"
+    assert not list(evals.glob("*_speed.json")), "speeds are measured only with --speed"
+    assert frontier.main(args + ["--speed", "--report-only"]) == 0
+    assert sorted(p.name for p in evals.glob("*_speed.json")) == ["dense_speed.json", "teal-10_speed.json",
+                                                                  "wina-10_speed.json"]
+    row = next(ln for ln in doc.read_text().splitlines() if ln.startswith("| TEAL 10 % |"))
+    assert row.split("|")[-2].strip().endswith("x")  # decoding speed relative to the dense import
     before = (tmp_path / "runs" / "sparsity-frontier" / "commits.json").read_text()
-    assert frontier.main(args) == 0  # everything reused: nothing remade
+    assert frontier.main(args + ["--speed"]) == 0  # everything reused: nothing remade or re-timed
     assert (tmp_path / "runs" / "sparsity-frontier" / "commits.json").read_text() == before
 
 

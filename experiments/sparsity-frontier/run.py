@@ -15,9 +15,10 @@ Every row is the same imported model with its 30 SwiGLU MLPs (1,536 units each) 
 Evaluation, the same for every row: ``treeffn eval-tasks`` on ARC-Easy, ARC-Challenge, PIQA, HellaSwag and LAMBADA,
 zero-shot, ``--limit`` examples each (the first of each test set; never used to calibrate or choose anything);
 ``treeffn eval`` for the validation loss (64 windows of 256 tokens of the default corpus's validation documents in
-SmolLM2's vocabulary) and decoding tokens/s at batch 1 (64-token prompt, 64 new tokens, fp32). Decoding runs the
-sparse MLPs' gathered kernel and the trees' fused kernel: run the study with nothing else on the machine, or the
-speeds are not figures.
+SmolLM2's vocabulary). Decoding tokens/s at batch 1 (64-token prompt, 64 new tokens, fp32; ``treeffn eval
+--decode-speed``) is measured only with ``--speed``, one model after another, for the rows that lack it: decoding
+runs the sparse MLPs' gathered kernel and the trees' fused kernel, and a timing taken beside other work is not a
+figure, so run ``--speed`` with nothing else on the machine (models and accuracies can be made under load).
 
 Each step is one ``treeffn`` command whose output is reused when it exists (delete it to redo the step), so the study
 stops and resumes at any point; ``--rows`` runs a subset. Then it writes ``docs/sparsity-frontier.md`` and its plot
@@ -25,6 +26,7 @@ from every row that has its evaluations, naming the commit each model and evalua
 
     python experiments/sparsity-frontier/run.py                       # the whole study (hours on 2 cores)
     python experiments/sparsity-frontier/run.py --rows dense,teal-10,tree-10 --limit 50
+    python experiments/sparsity-frontier/run.py --speed --report-only  # decoding speeds, on an idle machine
     python experiments/sparsity-frontier/run.py --report-only
 """
 
@@ -160,6 +162,9 @@ class Study:
     def eval_file(self, name: str) -> Path:
         return self.evals / f"{name}_eval.json"
 
+    def speed_file(self, name: str) -> Path:
+        return self.evals / f"{name}_speed.json"
+
     def evaluate(self, name: str, row: dict) -> None:
         self.evals.mkdir(parents=True, exist_ok=True)
         path = self.folder(name)
@@ -173,14 +178,25 @@ class Study:
             self.record(out.name)
         out = self.eval_file(name)
         if not out.exists():
-            cmd = TREEFFN + ["eval", str(path), "--data", str(self.data), "--windows", "64", "--context",
-                             str(min(256, self.dense_context())), "--decode-speed", "--json", "--quiet"]
-            print("+ treeffn " + " ".join(cmd[3:]), flush=True)
-            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-            if proc.returncode:
-                sys.exit(f"failed ({proc.returncode}): {proc.stderr.strip()}")
-            out.write_text(proc.stdout)
-            self.record(out.name)
+            self.eval_json(path, out, ["--windows", "64"])
+
+    def eval_json(self, path: Path, out: Path, extra: list[str]) -> None:
+        """``treeffn eval PATH --json`` at the study's context into ``out``, recorded in the ledger."""
+        cmd = TREEFFN + ["eval", str(path), "--data", str(self.data), "--context", str(min(256, self.dense_context())),
+                         *extra, "--json", "--quiet"]
+        print("+ treeffn " + " ".join(cmd[3:]), flush=True)
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode:
+            sys.exit(f"failed ({proc.returncode}): {proc.stderr.strip()}")
+        out.write_text(proc.stdout)
+        self.record(out.name)
+
+    def measure_speed(self, name: str) -> None:
+        """Decoding tokens/s of a made row (``--speed``: on an idle machine), once."""
+        out = self.speed_file(name)
+        if exists(self.folder(name)) and not out.exists():
+            self.evals.mkdir(parents=True, exist_ok=True)
+            self.eval_json(self.folder(name), out, ["--windows", "1", "--decode-speed"])
 
     def dense_context(self) -> int:
         from treeffn.checkpoint import load_config, resolve
@@ -197,6 +213,8 @@ class Study:
             res = json.loads(tf.read_text())["results"]
             scores = {t: res[f"treeffn_{t}"][f"{METRIC[t]},none"] for t in TASKS}
             ev = json.loads(ef.read_text())
+            sf = self.speed_file(name)  # a speed in the eval file (older runs of the study) is not used
+            ev["decode_tok_per_s"] = json.loads(sf.read_text())["decode_tok_per_s"] if sf.exists() else float("nan")
             folder = self.folder(name)
             side = {}
             for fname in ("sparsify.json", "convert.json"):
@@ -225,11 +243,13 @@ class Study:
                  + " | mean | vs dense | val loss | decode tok/s | vs dense |",
                  "|---|---:|" + "---:|" * len(TASKS) + "---:|---:|---:|---:|---:|"]
         for name, r in got.items():
-            speed = r["eval"].get("decode_tok_per_s", float("nan"))
+            speed = r["eval"]["decode_tok_per_s"]
             rel = f"{r['mean'] / base['mean']:.0%}" if base else "–"
-            srel = f"{speed / base['eval']['decode_tok_per_s']:.2f}x" if base else "–"
+            base_speed = base["eval"]["decode_tok_per_s"] if base else float("nan")
+            srel = f"{speed / base_speed:.2f}x" if speed == speed and base_speed == base_speed else "–"
             lines.append(f"| {r['label']} | {r['active']:.1%} | " + " | ".join(f"{r['scores'][t]:.3f}" for t in TASKS)
-                         + f" | {r['mean']:.3f} | {rel} | {r['eval']['val_loss']:.3f} | {speed:.1f} | {srel} |")
+                         + f" | {r['mean']:.3f} | {rel} | {r['eval']['val_loss']:.3f} | "
+                         + (f"{speed:.1f}" if speed == speed else "–") + f" | {srel} |")
         missing = [n for n in rows if n not in got]
         plot = self.plot(got, doc.parent / "sparsity-frontier" / "frontier.png") if got else None
         commits = ", ".join(f"{k}: `{v}`" for k, v in sorted(self.ledger.items()))
@@ -246,7 +266,8 @@ class Study:
             f"carries a standard error of about {0.5 / max(1, self.args.limit) ** 0.5:.3f}; `mean` is over the five "
             "tasks (chance is about 0.25 for the mean of these five metrics). `val loss`: `treeffn eval --context "
             "256` on 64 windows of the default corpus's validation documents in SmolLM2's vocabulary. Decoding: "
-            "batch 1, 64-token prompt, 64 new tokens, fp32, one model after another on an otherwise idle machine. "
+            "batch 1, 64-token prompt, 64 new tokens, fp32, one model after another on an otherwise idle machine "
+            "(`--speed`; – where not measured yet). "
             "MLP units active: held-out fraction of hidden units kept (training-free rules), K·(d+1)·W / 1,536 "
             "(trees).\n",
             f"Commits (models and evaluation files): {commits or 'none yet'}.\n",
@@ -291,19 +312,22 @@ class Study:
         fig, axes = plt.subplots(1, 3, figsize=(14, 4))
         kinds = {"teal": "o-", "cats": "s-", "wina": "^-", "tree": "D-", "tree-ft": "v--"}
         for kind, style in kinds.items():
-            pts = sorted((r["active"], r["mean"], r["eval"]["val_loss"], r["eval"].get("decode_tok_per_s", 0.0))
+            pts = sorted((r["active"], r["mean"], r["eval"]["val_loss"], r["eval"]["decode_tok_per_s"])
                          for r in got.values() if r["kind"] == kind)
             if not pts:
                 continue
-            a, acc, loss, speed = zip(*pts)
+            a, acc, loss, _ = zip(*pts)
             axes[0].plot(a, acc, style, label=kind)
             axes[1].plot(a, loss, style, label=kind)
-            axes[2].plot(speed, acc, style, label=kind)
+            timed = sorted((sp, ac) for _, ac, _, sp in pts if sp == sp)
+            if timed:
+                axes[2].plot(*zip(*timed), style, label=kind)
         if "dense" in got:
             d = got["dense"]
             for ax, y in ((axes[0], d["mean"]), (axes[1], d["eval"]["val_loss"])):
                 ax.axhline(y, color="k", lw=0.8, ls=":", label="dense")
-            axes[2].plot([d["eval"].get("decode_tok_per_s", 0.0)], [d["mean"]], "k*", label="dense")
+            if d["eval"]["decode_tok_per_s"] == d["eval"]["decode_tok_per_s"]:
+                axes[2].plot([d["eval"]["decode_tok_per_s"]], [d["mean"]], "k*", label="dense")
         for ax in axes[:2]:
             ax.set_xscale("log")
             ax.set_xlabel("fraction of MLP units active per token")
@@ -340,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=200, help="examples per task (default 200)")
     p.add_argument("--ft-steps", type=int, default=0, help="also fine-tune each converted tree this many steps")
     p.add_argument("--report-only", action="store_true", help="make nothing; rebuild the report from what exists")
+    p.add_argument("--speed", action="store_true", help="measure decoding tokens/s of the made rows that lack it "
+                   "(with nothing else running on the machine)")
     p.add_argument("--doc", default=str(ROOT / "docs" / "sparsity-frontier.md"))
     args = p.parse_args(argv)
     by_pct = {pct(f): f for f in FRACTIONS}
@@ -360,6 +386,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in chosen:
             study.make(name, rows[name])
             study.evaluate(name, rows[name])
+    if args.speed:
+        for name in chosen:
+            study.measure_speed(name)
     study.report(rows)
     return 0
 
