@@ -657,7 +657,11 @@ larger widths and budgets, where each node's units see many more tokens.
 
 OPEN = """
 **What is open.** The rows of the plan not yet run are listed below (`python experiments/quality/run.py` runs them,
-reusing every finished run).
+reusing every finished run). The choice-of-units table points the next experiments at the routing signal itself: no
+rule so far gives a node any training signal about *where* to send a token (the hyperplanes learn only as features),
+and a rule whose decisions agree with the units' responses (children's comparison) is the one that helped. Next:
+train each node's routing score towards the side whose units respond more (an auxiliary loss on the visited nodes'
+children, routing-only), and the three-epoch pair, to see whether the gap to the wide MLP shrinks with tokens.
 """
 
 
