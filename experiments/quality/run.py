@@ -599,6 +599,8 @@ def reading(rows: list[dict]) -> list[str]:
     cmp("tree-output", "tree-node", "placement")
     cmp("tree-1x7w4", "tree-node", "one tree of 4-unit nodes vs four trees of 1-unit nodes")
     cmp("tree-node-children", "tree-node", "routing by the children's units vs the node's own")
+    cmp("tree-node-children", "dense-1020", "equal training width, routed by children")
+    cmp("tree-node-children", "dense-32", "equal inference width, routed by children")
     for other in ("moe-top1", "moe-top2", "topk-32of1020"):
         cmp("tree-node", other, "32 active units each")
     out += autoprune_contrast(rows)
