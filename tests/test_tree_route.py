@@ -84,8 +84,12 @@ def test_inference_routing_by_children_matches_reference(impl, placement, M, K):
 
 
 @pytest.mark.skipif(infer_ext() is None, reason="the tree_infer C++ extension could not be built")
-def test_fused_routing_by_children_does_not_depend_on_threads():
-    x, w_in, b_in, w_out, thr, depth = _weights(K=8, depth=5, W=1, D=64, M=40, seed=3)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_routing_by_children_does_not_depend_on_threads(dtype):
+    """Serial (batch 1), tree-parallel (batch 2: 16 trees, enough work to wake the team) and token-parallel (40)
+    schedules on two threads give the one-thread result bit for bit, and follow the reference's paths."""
+    x, w_in, b_in, w_out, thr, depth = _weights(K=16, depth=6, W=1, D=256, M=40, seed=3)
+    x, w_in, b_in, w_out = (t.to(dtype) for t in (x, w_in, b_in, w_out))
     before = torch.get_num_threads()
     outs = []
     try:
@@ -93,11 +97,14 @@ def test_fused_routing_by_children_does_not_depend_on_threads():
             torch.set_num_threads(n)
             with torch.no_grad():
                 outs.append([tree_infer(x[:m], w_in, b_in, w_out, depth, thr=thr, route="children",
-                                        backend="cpp")[0] for m in (2, 40)])
+                                        backend="cpp", return_paths=True) for m in (1, 2, 40)])
     finally:
         torch.set_num_threads(before)
-    for a, b in zip(*outs):
-        assert torch.equal(a, b)
+    for (y1, p1), (y2, p2) in zip(*outs):
+        assert torch.equal(y1, y2) and torch.equal(p1, p2)
+    y, paths = outs[0][-1]
+    ref = tree_paths(x.float(), w_in.float(), b_in.float(), depth, thr, route="children")
+    assert (paths != ref).any(-1).float().mean() <= (0.0 if dtype == torch.float32 else 0.02)
 
 
 @pytest.mark.parametrize("placement", ["node", "output"])
