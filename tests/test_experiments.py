@@ -55,6 +55,14 @@ def test_sparsity_frontier_study_on_a_tiny_llama(tmp_path):
     before = (tmp_path / "runs" / "sparsity-frontier" / "commits.json").read_text()
     assert frontier.main(args + ["--speed"]) == 0  # everything reused: nothing remade or re-timed
     assert (tmp_path / "runs" / "sparsity-frontier" / "commits.json").read_text() == before
+    # the committed row summaries rebuild the same report without the models and evaluation files
+    summaries = sorted(p.name for p in (tmp_path / "sparsity-frontier" / "rows").glob("*.json"))
+    assert summaries == ["dense.json", "teal-10.json", "wina-10.json"]
+    assert str(tmp_path / "runs") not in (tmp_path / "sparsity-frontier" / "rows" / "teal-10.json").read_text()
+    table = [ln for ln in doc.read_text().splitlines() if ln.startswith("| ")]
+    (tmp_path / "runs").rename(tmp_path / "moved")
+    assert frontier.main(args + ["--report-only"]) == 0
+    assert [ln for ln in doc.read_text().splitlines() if ln.startswith("| ")] == table
 
 
 def test_quality_report_pieces():

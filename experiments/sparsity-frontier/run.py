@@ -21,8 +21,11 @@ runs the sparse MLPs' gathered kernel and the trees' fused kernel, and a timing 
 figure, so run ``--speed`` with nothing else on the machine (models and accuracies can be made under load).
 
 Each step is one ``treeffn`` command whose output is reused when it exists (delete it to redo the step), so the study
-stops and resumes at any point; ``--rows`` runs a subset. Then it writes ``docs/sparsity-frontier.md`` and its plot
-from every row that has its evaluations, naming the commit each model and evaluation was made with.
+stops and resumes at any point; ``--rows`` runs a subset. A row with its evaluations is summarised (scores,
+validation loss, decoding speed when measured, the sparsify/convert record, the commits that made it) in
+``docs/sparsity-frontier/rows/<row>.json``; those summaries are committed, so a checkout without the models rebuilds
+the report. Then it writes ``docs/sparsity-frontier.md`` and its plot from every summarised row, naming the commit
+each model and evaluation was made with.
 
     python experiments/sparsity-frontier/run.py                       # the whole study (hours on 2 cores)
     python experiments/sparsity-frontier/run.py --rows dense,teal-10,tree-10 --limit 50
@@ -50,6 +53,8 @@ METRIC = {"arc_easy": "acc", "arc_challenge": "acc_norm", "piqa": "acc_norm", "h
 FRACTIONS = (0.5, 0.25, 0.1, 0.05)
 METHODS = ("teal", "cats", "wina")
 CALIBRATION_TOKENS = 16384
+# left out of a row's committed summary: per-layer detail, machine paths, timings, window lists
+SIDE_DROPPED = ("layers", "out", "source", "seconds", "windows")
 MLP_UNITS = 1536  # SmolLM2-135M's SwiGLU width
 # fraction -> (trees K, depth d, units per node W): K·(d+1)·W read per token, K·(2^(d+1)−1)·W in all
 TREE_DESIGNS = {0.5: (8, 2, 32), 0.25: (8, 3, 12), 0.1: (8, 5, 3), 0.05: (4, 6, 3)}
@@ -204,24 +209,40 @@ class Study:
         return load_config(resolve(self.dense)).model.seq_len
 
     # ---- the report ------------------------------------------------------------------------------------------
+    def summary_file(self, name: str) -> Path:
+        return Path(self.args.doc).parent / "sparsity-frontier" / "rows" / f"{name}.json"
+
     def results(self, rows: dict[str, dict]) -> dict[str, dict]:
+        """Every row with its evaluations: from the evaluation files when they exist (which also rewrites the row's
+        committed summary), else from that summary."""
         out = {}
         for name, row in rows.items():
-            tf, ef = self.tasks_file(name), self.eval_file(name)
+            tf, ef, summary = self.tasks_file(name), self.eval_file(name), self.summary_file(name)
             if not (tf.exists() and ef.exists()):
+                if summary.exists():
+                    out[name] = {**row, **json.loads(summary.read_text())}
                 continue
             res = json.loads(tf.read_text())["results"]
             scores = {t: res[f"treeffn_{t}"][f"{METRIC[t]},none"] for t in TASKS}
-            ev = json.loads(ef.read_text())
+            ev = {k: v for k, v in json.loads(ef.read_text()).items() if k != "checkpoint"}  # no machine paths
             sf = self.speed_file(name)  # a speed in the eval file (older runs of the study) is not used
-            ev["decode_tok_per_s"] = json.loads(sf.read_text())["decode_tok_per_s"] if sf.exists() else float("nan")
+            ev["decode_tok_per_s"] = json.loads(sf.read_text())["decode_tok_per_s"] if sf.exists() else None
             folder = self.folder(name)
             side = {}
             for fname in ("sparsify.json", "convert.json"):
                 if (folder / fname).exists():
                     side = json.loads((folder / fname).read_text())
+            keys = {name, tf.name, ef.name, self.speed_file(name).name}
             out[name] = {**row, "scores": scores, "mean": sum(scores.values()) / len(scores), "eval": ev,
-                         "side": side, "active": self.mlp_active(row, side)}
+                         "side": {k: v for k, v in side.items() if k not in SIDE_DROPPED},
+                         "active": self.mlp_active(row, side),
+                         "commits": {k: v for k, v in self.ledger.items() if k in keys}}
+            summary.parent.mkdir(parents=True, exist_ok=True)
+            summary.write_text(json.dumps({k: v for k, v in out[name].items() if k not in row}, indent=1,
+                                          sort_keys=True) + "\n")
+        for r in out.values():  # not measured (None in a summary): NaN, which the table and plot leave out
+            if r["eval"].get("decode_tok_per_s") is None:
+                r["eval"]["decode_tok_per_s"] = float("nan")
         return out
 
     @staticmethod
@@ -252,7 +273,8 @@ class Study:
                          + (f"{speed:.1f}" if speed == speed else "–") + f" | {srel} |")
         missing = [n for n in rows if n not in got]
         plot = self.plot(got, doc.parent / "sparsity-frontier" / "frontier.png") if got else None
-        commits = ", ".join(f"{k}: `{v}`" for k, v in sorted(self.ledger.items()))
+        ledger = {k: v for r in got.values() for k, v in r["commits"].items()}
+        commits = ", ".join(f"{k}: `{v}`" for k, v in sorted(ledger.items()))
         text = [
             "# The sparsity frontier: training-free activation sparsity against tree conversion (SmolLM2-135M)\n",
             "SmolLM2-135M-Instruct (30 SwiGLU MLPs of 1,536 units) with its MLPs made conditional at 50 %, 25 %, 10 % "
@@ -336,7 +358,8 @@ class Study:
         axes[2].set_xlabel("decoding tokens/s, batch 1")
         axes[2].set_ylabel("zero-shot mean accuracy")
         for ax in axes:
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:  # the speed panel is empty until --speed has run
+                ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
