@@ -158,7 +158,7 @@ class PrunedTreeFFN(TreeLayer):
     def from_tree(cls, tree: nn.Module, keep: torch.Tensor, slots: int | None = None,
                   dead_route: str = "sibling") -> "PrunedTreeFFN":
         """A new pruned layer from a TreeFFN; ``slots`` defaults to the number of kept nodes."""
-        if getattr(tree, "route", "self") != "self":
+        if tree.route != "self":
             raise ConfigError(f"pruning routes on each node's own units; a tree with tree.route={tree.route} "
                               "cannot be pruned")
         K, N = tree.trees, tree.num_nodes

@@ -182,6 +182,7 @@ class TreeLayer(nn.Module):
     trees: int
     depth: int
     node_width: int
+    route: str = "self"  # the routing rule (TreeFFN's tree.route; a pruned layer routes on its nodes' own units)
 
     @property
     def num_nodes(self) -> int:
@@ -194,7 +195,7 @@ class TreeLayer(nn.Module):
     def input_units(self) -> float:
         """Units whose input vectors a token reads: the visited ones, and with ``route="children"`` also the
         sibling of every visited node below the root (both children are compared)."""
-        extra = self.depth if getattr(self, "route", "self") == "children" else 0
+        extra = self.depth if self.route == "children" else 0
         return float(self.trees * (self.depth + 1 + extra) * self.node_width)
 
     def flops_per_token(self) -> float:
@@ -213,7 +214,7 @@ class TreeLayer(nn.Module):
 
         out_nodes = sum(reached(t) for t in range(self.depth + 1))
         in_nodes = out_nodes
-        if getattr(self, "route", "self") == "children":
+        if self.route == "children":
             in_nodes = 1.0 + sum(2.0 * reached(t - 1) for t in range(1, self.depth + 1))
         elem = next(self.parameters()).element_size()
         return self.trees * (in_nodes + out_nodes) * self.node_width * self.d_model * elem
