@@ -65,7 +65,7 @@ def test_analyze_cli_writes_json_and_plots(tree_run, tmp_path, capsys):
         visits = torch.tensor(r["visits"])
         assert visits.shape == (4, 63) and (visits[:, 0] == res["tokens"]).all()
         assert r["active_fraction"] == pytest.approx(6 / 63)
-        for k in ("choice_overlap", "choice_capture", "choice_overlap_random", "choice_capture_random"):
+        for k in ("choice_overlap", "choice_capture", "choice_overlap_random", "choice_capture_random", "best_agree"):
             assert 0.0 < r[k] <= 1.0, (k, r[k])
     assert "choice of units" in printed
     assert (out / "levels.png").stat().st_size > 1000 and (out / "training.png").stat().st_size > 1000
@@ -80,7 +80,7 @@ def test_choice_quality_against_a_brute_force_top_k(placement):
     paths = layer.paths(x)
     got = choice_quality(layer, x, paths)
     act = torch.nn.functional.gelu if placement == "node" else (lambda z: z)
-    overlap = capture = 0.0
+    overlap = capture = agree = 0.0
     for m in range(20):
         c = {}
         for k in range(2):
@@ -92,16 +92,26 @@ def test_choice_quality_against_a_brute_force_top_k(placement):
         best = sorted(c, key=c.get, reverse=True)[:12]
         overlap += len(used & set(best)) / 12
         capture += sum(c[u] for u in used) / sum(c[b] for b in best)
-    torch.testing.assert_close(got, torch.tensor([overlap, capture], dtype=torch.float64), rtol=1e-5, atol=1e-6)
+
+        def value(k, j):  # the best path's contribution below node j, by enumeration
+            own = sum(c[(k, j, w)] for w in range(2))
+            return own if j >= 3 else own + max(value(k, 2 * j + 1), value(k, 2 * j + 2))
+
+        for k in range(2):
+            for t in range(2):
+                j = int(paths[m, k, t])
+                agree += ((int(paths[m, k, t + 1]) == 2 * j + 2) == (value(k, 2 * j + 2) > value(k, 2 * j + 1))) / 4
+    torch.testing.assert_close(got, torch.tensor([overlap, capture, agree], dtype=torch.float64), rtol=1e-5,
+                               atol=1e-6)
     # depth 0: every unit is on the path, the choice is perfect
     dense = TreeFFN(8, trees=3, depth=0, node_width=2, placement=placement)
     g = torch.Generator().manual_seed(0)
-    assert torch.allclose(choice_quality(dense, x, dense.paths(x), g), torch.full((4,), 20.0, dtype=torch.float64))
+    assert torch.allclose(choice_quality(dense, x, dense.paths(x), g), torch.full((5,), 20.0, dtype=torch.float64))
     # random walks: the second pair is the first pair computed on those walks
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     walks = random_walks(20, 2, 2, g1)
     assert ((walks[:, :, 1:] - 2 * walks[:, :, :-1]) >= 1).all() and ((walks[:, :, 1:] - 2 * walks[:, :, :-1]) <= 2).all()
-    torch.testing.assert_close(choice_quality(layer, x, paths, g2)[2:], choice_quality(layer, x, walks))
+    torch.testing.assert_close(choice_quality(layer, x, paths, g2)[2:4], choice_quality(layer, x, walks)[:2])
 
 
 def test_union_touched_agrees_with_stats():

@@ -150,13 +150,14 @@ def test_model_tracks_routing_diagnostics():
     out = model(torch.randint(0, 512, (2, 32)))
     d = out.stats[0]["tree_diag"]
     L = cfg.tree.depth + 1
-    assert set(d) == {"align", "margin", "centre", "u_norm", "b_abs", "live_grad"}
+    assert set(d) == {"align", "margin", "centre", "u_norm", "b_abs", "live_grad", "best_agree"}
     for k in ("u_norm", "b_abs", "live_grad"):
         assert d[k].shape == (L,), k
-    for k in ("margin", "centre"):  # routing levels only: leaves do not route
+    for k in ("margin", "centre", "best_agree"):  # routing levels only: leaves do not route
         assert d[k].shape == (L - 1,), k
     assert -1.0 <= float(d["align"]) <= 1.0
     assert 0.0 <= float(d["live_grad"].min()) and float(d["live_grad"].max()) <= 1.0
+    assert 0.0 <= float(d["best_agree"].min()) and float(d["best_agree"].max()) <= 1.0
 
 
 def test_checkpoint_without_thresholds_still_loads(tmp_path):

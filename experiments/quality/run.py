@@ -14,6 +14,8 @@ schedule), the same seed-determined batches and the same token budget; only the 
     tree-output(-faithful) φ after the per-tree accumulation (DS-26's balanced variant), with / without thresholds
     tree-1x7w4            one tree of depth 7 with 4 units per node: 32 active of 1,020, contiguous blocks
     tree-node-children    tree-node routing each token to the child whose unit responds more (``tree.route``)
+    tree-node-bestpath    tree-node with the routing loss (``tree.route_loss`` 1; ...01: 0.1): each node trained
+                          towards the child whose subtree holds the better path
     topk-32of1020         GELU MLP of 1,020 units keeping its 32 largest activations per token (trained sparsity)
 
     .venv/bin/python experiments/quality/run.py                       # the default plan, in priority order
@@ -73,6 +75,10 @@ RUNS: dict[str, tuple[str, dict]] = {
                    {"ffn.kind": "tree", "tree.trees": 1, "tree.node_width": 4}),
     "tree-node-children": ("tree 4x7, node placement, thresholds, routed to the child that responds more",
                            {"ffn.kind": "tree", "tree.route": "children"}),
+    "tree-node-bestpath": ("tree 4x7, node placement, thresholds, routing loss towards the better subtree (weight 1)",
+                           {"ffn.kind": "tree", "tree.route_loss": 1.0}),
+    "tree-node-bestpath01": ("tree 4x7, node placement, thresholds, routing loss towards the better subtree "
+                             "(weight 0.1)", {"ffn.kind": "tree", "tree.route_loss": 0.1}),
     "topk-32of1020": ("GELU MLP of 1,020 units, 32 largest activations kept",
                       {"ffn.kind": "topk", "ffn.hidden": 1020, "topk.active": 32}),
 }
@@ -82,7 +88,8 @@ EPOCH = 1200  # 1,200 × 16 × 256 = 4.9M tokens ≈ one epoch of the default co
 DEFAULT_PLAN = (
     [(n, 0, EPOCH) for n in ("tree-node", "dense-1020", "dense-32", "tree-node-faithful", "tree-node-ufbinit",
                              "tree-output", "tree-node-ufb", "tree-output-faithful", "moe-top1", "moe-top2",
-                             "tree-1x7w4", "topk-32of1020", "tree-node-children")]
+                             "tree-1x7w4", "topk-32of1020", "tree-node-children", "tree-node-bestpath",
+                             "tree-node-bestpath01")]
     + [(n, s, EPOCH) for s in (1, 2) for n in ("dense-1020", "tree-node", "dense-32", "tree-node-children")]
     + [(n, 0, 3 * EPOCH) for n in ("dense-1020", "tree-node")]
 )
@@ -192,7 +199,7 @@ def measure_speed(run: Path) -> dict:
 
 
 CHOICE_WINDOWS = 32
-CHOICE_KEYS = ("choice_overlap", "choice_capture", "choice_overlap_random", "choice_capture_random")
+CHOICE_KEYS = ("choice_overlap", "choice_capture", "choice_overlap_random", "choice_capture_random", "best_agree")
 
 
 def measure_choice(run: Path, data: Path) -> dict | None:
@@ -206,7 +213,9 @@ def measure_choice(run: Path, data: Path) -> dict | None:
     cache = run / "choice.json"
     stamp = (ckpt.resolve(run) / "model.safetensors").stat().st_mtime
     if cache.is_file() and cache.stat().st_mtime > stamp:
-        return json.loads(cache.read_text())
+        rec = json.loads(cache.read_text())
+        if all(k in rec for k in CHOICE_KEYS):  # else measured before a statistic was added: measure again
+            return rec
     print(f"[{run.name}] choice of units on {CHOICE_WINDOWS} validation windows", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         a = analyze(run, data, windows=CHOICE_WINDOWS, out=tmp, plots=False, progress=False, overwrite=True)
@@ -687,20 +696,24 @@ def choice_table(rows: list[dict]) -> list[str]:
            f"`treeffn analyze` on {CHOICE_WINDOWS} validation windows (`--choice`): every unit's contribution has "
            "magnitude |φ(λ)|·‖v‖ (|λ|·‖v‖ for output placement); *overlap* is the fraction of the 32 largest that lie "
            "on the token's paths, *capture* the paths' share of the 32 largest contributions' sum (1 and 1 for the "
-           "choice a top-k layer makes from the same weights); uniformly random walks give the floor.", "",
-           "| run | overlap | capture | random walks: overlap | random walks: capture |", "|---|---:|---:|---:|---:|"]
+           "choice a top-k layer makes from the same weights); uniformly random walks give the floor. *Best agree* is "
+           "the fraction of routing decisions that go towards the child whose subtree holds the better path by the "
+           "same contributions (0.5 is a coin; what `tree.route_loss` trains towards).", "",
+           "| run | overlap | capture | random walks: overlap | random walks: capture | best agree |",
+           "|---|---:|---:|---:|---:|---:|"]
     for name, cs in got.items():
         out.append(f"| {name} ({len(cs)} seed{'s' if len(cs) > 1 else ''}) | "
-                   + " | ".join(f"{_mean([c[k] for c in cs]):.3f}" for k in CHOICE_KEYS) + " |")
+                   + " | ".join(f"{_mean([c[k] for c in cs]):.3f}" if all(k in c for c in cs) else "–"
+                                for k in CHOICE_KEYS) + " |")
     out.append("")
     if "tree-node" in got:
-        m = {k: _mean([c[k] for c in got["tree-node"]]) for k in CHOICE_KEYS}
+        m = {k: _mean([c[k] for c in got["tree-node"]]) for k in CHOICE_KEYS[:4]}
         text = (f"The default tree's paths hold {m['choice_overlap']:.0%} of the 32 units a top-k choice would take "
                 f"and {m['choice_capture']:.0%} of their contribution, against {m['choice_overlap_random']:.0%} and "
                 f"{m['choice_capture_random']:.0%} for random walks through the same trees: the hyperplane at each "
                 "node says little about which of the units below it will respond most")
         if "tree-node-children" in got:
-            c = {k: _mean([x[k] for x in got["tree-node-children"]]) for k in CHOICE_KEYS}
+            c = {k: _mean([x[k] for x in got["tree-node-children"]]) for k in CHOICE_KEYS[:4]}
             text += (f". Routing by children raises this to {c['choice_overlap']:.0%} and {c['choice_capture']:.0%}, "
                      "still far from a top-k layer's choice")
         out += [text + ".", ""]

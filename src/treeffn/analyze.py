@@ -19,6 +19,8 @@ measures, per tree layer, on fixed validation windows (the same ones ``treeffn e
   the token's paths, ``choice_capture`` the mean of Σ_path c_i / Σ_oracle c_i (both 1 for a perfect choice).
   ``choice_overlap_random`` and ``choice_capture_random``: the same for uniformly random walks (a fixed seed), the
   floor a routing rule should beat (the overlap's expectation is A / the layer's units).
+* ``best_agree``      the fraction of a token's routing decisions that go towards the child whose subtree holds the
+  better path by the same contributions (``ops.tree.best_path_values``; 0.5 is a coin, 1 an oracle walk).
 
 Visit counts come from the layers' own statistics (``model.set_track_stats(True)``, the numbers training logs);
 paths for the union are recomputed from each tree layer's input, captured with a forward pre-hook, by
@@ -47,12 +49,14 @@ from .data import Batches, check_vocab, load_meta, load_tokens, resolve_data
 from .device import resolve_device
 from .layers.tree import TreeFFN, TreeLayer
 from .ops.activations import activation_fn
+from .ops.tree import best_path_targets
 from .outputs import check_output_dir, write_json_atomic
 from .stats import level_utilisation, tree_summary
 
 DEFAULT_CHUNKS = (8, 32, 128)
 DEFAULT_WINDOWS = 64
 TRAINING_METRICS = ("leaf_util", "dead_nodes", "path_entropy")
+CHOICE_KEYS = ("choice_overlap", "choice_capture", "choice_overlap_random", "choice_capture_random", "best_agree")
 _METRIC_KEY = re.compile(r"^tree/(\w+)/layer(\d+)$")
 
 
@@ -112,8 +116,9 @@ def random_walks(M: int, K: int, depth: int, generator: torch.Generator) -> torc
 @torch.no_grad()
 def choice_quality(layer: TreeFFN, x: torch.Tensor, paths: torch.Tensor,
                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sums over the tokens of x (M, D) of (choice_overlap, choice_capture) (module docstring), paths (M, K, L) the
-    tokens' walks: a float64 tensor of 2; with ``generator``, of 4: then the same for random walks."""
+    """Sums over the tokens of x (M, D) of (choice_overlap, choice_capture, best_agree) (module docstring), paths
+    (M, K, L) the tokens' walks: a float64 tensor of 3; with ``generator``, of 5: then the first two for random
+    walks as well."""
     K, N, W, D = layer.w_in.shape
     M, L = x.shape[0], paths.shape[-1]
     lam = torch.einsum("md,knwd->mknw", x.float(), layer.w_in.float())
@@ -134,6 +139,13 @@ def choice_quality(layer: TreeFFN, x: torch.Tensor, paths: torch.Tensor,
     sums = score(paths)
     if generator is not None:
         sums += score(random_walks(M, K, L - 1, generator))
+    if L > 1:
+        best = best_path_targets(x, layer.w_in, layer.b_in, layer.w_out, L - 1, layer.activation,
+                                 paths.to(x.device), layer.placement)
+        went = paths[:, :, 1:].to(x.device) == 2 * paths[:, :, :-1].to(x.device) + 2
+        sums.append((went == best).double().mean((1, 2)).sum())
+    else:
+        sums.append(torch.tensor(float(M), dtype=torch.float64))
     return torch.stack(sums).cpu()
 
 
@@ -143,7 +155,7 @@ class _PathRecorder:
 
     def __init__(self, layers: list[tuple[int, nn.Module]]):
         self.paths: dict[int, list[torch.Tensor]] = {i: [] for i, _ in layers}
-        self.choice: dict[int, torch.Tensor] = {i: torch.zeros(4, dtype=torch.float64) for i, _ in layers}
+        self.choice: dict[int, torch.Tensor] = {i: torch.zeros(5, dtype=torch.float64) for i, _ in layers}
         self.generator = torch.Generator().manual_seed(0)
         self.handles = [f.register_forward_pre_hook(self._hook(i)) for i, f in layers]
 
@@ -294,12 +306,11 @@ def analyze(path: str | Path, data: str | Path | None = None, windows: int = DEF
     for (i, f), counts, union, choice in zip(layers, col["counts"], col["union"], col["choice"]):
         r = {"layer": i, **layer_report(f, counts, union), "visits": counts.tolist()}
         if choice is not None:
-            keys = ("choice_overlap", "choice_capture", "choice_overlap_random", "choice_capture_random")
-            r.update(zip(keys, choice))
+            r.update(zip(CHOICE_KEYS, choice))
         reports.append(r)
     keys = ("leaf_util", "dead_nodes", "path_entropy", "active_fraction", "alive_fraction")
     if all("choice_overlap" in r for r in reports):
-        keys += ("choice_overlap", "choice_capture", "choice_overlap_random", "choice_capture_random")
+        keys += CHOICE_KEYS
     mean = {k: sum(r[k] for r in reports) / len(reports) for k in keys}
     result = {
         "checkpoint": str(folder),
@@ -466,9 +477,11 @@ def format_report(res: dict) -> str:
         lines.append(f"{r['layer']:>5} {r['leaf_util']:>9.3f} {r['dead_nodes']:>6.3f} {r['path_entropy']:>7.3f} "
                      f"{r['active_fraction']:>7.4f} {r['alive_fraction']:>6.3f}{us}")
     if all("choice_overlap" in r for r in res["layers"]):
-        lines += ["", "choice of units against a top-k choice from the same weights (overlap / capture; random walks):"]
+        lines += ["", "choice of units against a top-k choice from the same weights (overlap / capture; random walks)"
+                      " and decisions towards the better subtree (best_agree; 0.5 is a coin):"]
         lines += [f"  layer {r['layer']}: {r['choice_overlap']:.3f} / {r['choice_capture']:.3f}; "
-                  f"{r['choice_overlap_random']:.3f} / {r['choice_capture_random']:.3f}" for r in res["layers"]]
+                  f"{r['choice_overlap_random']:.3f} / {r['choice_capture_random']:.3f}; "
+                  f"best_agree {r['best_agree']:.3f}" for r in res["layers"]]
     lines += ["", "level utilisation (root first):"]
     for r in res["layers"]:
         lines.append(f"  layer {r['layer']}: " + " ".join(f"{v:.2f}" for v in r["level_util"]))

@@ -69,6 +69,20 @@ training kernel follows paths walked in PyTorch, where the batch thresholds are 
 above (``active_units``) counts the units whose outputs are used. Pruning and ``treeffn convert`` route on a node's
 own units and refuse this setting.
 
+Routing loss (``route_loss``, a weight; 0 = off). With ``route="self"`` a node's hyperplane is also its units'
+feature, trained only by what its φ(λ) adds to the output, not by whether it sends tokens to the units below that
+would serve them best. The routing loss adds that signal: for every visited node that routes, the target is the
+child whose subtree holds the better path, a path's value being the magnitude of its contributions
+Σ |φ(λ)|·‖v‖ (found by dynamic programming over every unit, :func:`treeffn.ops.tree.best_path_targets`), and the loss
+is the mean binary cross-entropy of the decision's logit s − c against it, times the weight::
+
+    L_route = weight · mean_{tokens, trees, levels < L−1} BCE(s_kj − c_kj, [V(2j+2) > V(2j+1)])
+
+Its gradient reaches the nodes' input weights and biases only (not the residual stream, not the outputs); the
+targets read every unit, a dense layer's input GEMM, in training only. Inference is unchanged. The agreement of the
+decisions with these targets is logged as ``tree/best_agree`` (and by ``treeffn analyze``) for every tree, with or
+without the loss; docs/quality.md measures the effect.
+
 Depth 0 is a dense MLP of K·W units (every token visits every root): ``tests/test_model.py`` checks it.
 
 Implementations (selected by ``impl``; ``"auto"`` picks the fastest available):
@@ -100,7 +114,9 @@ from ..ops.tree import (  # noqa: F401  (re-exported: the reference maths lives 
     ROUTE_CODE,
     ROUTES,
     batch_thresholds,
+    best_path_targets,
     num_nodes,
+    route_loss,
     routing_diagnostics,
     routing_rows,
     routing_scores,
@@ -129,6 +145,7 @@ class TreeConfig:
     balance_rate: float = 0.1  # update rate of the thresholds towards the batch mean of each node's score
     init: str = "residual"  # output vectors: residual (GPT-2 residual-branch scale) | ufb (UFB-23's uniform rule)
     route: str = "self"  # what a node routes on: self (its own units, UFB-23) | children (which child responds more)
+    route_loss: float = 0.0  # weight of the routing loss (nodes trained towards their better subtree); 0 = off
 
     def check(self) -> None:
         if self.trees < 1 or self.node_width < 1:
@@ -143,6 +160,15 @@ class TreeConfig:
             raise ConfigError(f"tree.init must be one of {', '.join(INITS)} (got '{self.init}')")
         if self.route not in ROUTES:
             raise ConfigError(f"tree.route must be one of {', '.join(ROUTES)} (got '{self.route}')")
+        check_route_loss(self.route_loss, self.route)
+
+
+def check_route_loss(weight: float, route: str) -> None:
+    if not weight >= 0.0:
+        raise ConfigError(f"tree.route_loss must be ≥ 0 (got {weight})")
+    if weight > 0.0 and route != "self":
+        raise ConfigError(f"tree.route_loss trains the nodes' own routing scores; it needs tree.route=self "
+                          f"(got '{route}')")
 
 
 def check_tree(d_model: int, trees: int, depth: int, node_width: int, activation: str, placement: str) -> None:
@@ -240,6 +266,7 @@ class TreeFFN(TreeLayer):
         balance_rate: float = 0.1,
         out_std: float | None = None,
         route: str = "self",
+        route_loss: float = 0.0,
     ):
         super().__init__()
         check_tree(d_model, trees, depth, node_width, activation, placement)
@@ -251,7 +278,8 @@ class TreeFFN(TreeLayer):
             raise ConfigError(f"tree.balance_rate must be in (0, 1] (got {balance_rate})")
         if route not in ROUTES:
             raise ConfigError(f"unknown tree.route '{route}'; choose one of {', '.join(ROUTES)}")
-        self.route = route
+        check_route_loss(route_loss, route)
+        self.route, self.route_loss = route, route_loss
         self.d_model, self.trees, self.depth, self.node_width = d_model, trees, depth, node_width
         self.activation, self.placement, self.impl = activation, placement, impl
         self.balance, self.balance_rate = balance, balance_rate
@@ -287,7 +315,7 @@ class TreeFFN(TreeLayer):
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, trees={self.trees}, depth={self.depth}, node_width={self.node_width}, "
                 f"activation={self.activation}, placement={self.placement}, balance={self.balance}, route={self.route}, "
-                f"impl={self.impl}")
+                f"route_loss={self.route_loss:g}, impl={self.impl}")
 
     # ---- forward ----------------------------------------------------------------------------------------------
     def _choose_impl(self, x: torch.Tensor) -> str:
@@ -366,6 +394,12 @@ class TreeFFN(TreeLayer):
         out = self.forward_2d(x2, impl=impl, return_lam=need_lam, thr=thr, paths=given)
         y, paths = out[0], out[1]
         aux: dict = {}
+        if self.route_loss > 0.0 and self.training and torch.is_grad_enabled():
+            if paths is None:
+                paths = tree_paths(x2, self.w_in, self.b_in, self.depth, thr, route=self.route)
+            target = best_path_targets(x2, self.w_in, self.b_in, self.w_out, self.depth, self.activation, paths,
+                                       self.placement)
+            aux["loss"] = self.route_loss * route_loss(self.w_in, self.b_in, x2, paths, thr, target)
         if self.track_stats:
             if paths is None:
                 paths = tree_paths(x2, self.w_in, self.b_in, self.depth, self.route_threshold, route=self.route)
@@ -375,7 +409,7 @@ class TreeFFN(TreeLayer):
                 scores = routing_scores(x2.detach(), paths, *routing_rows(self.w_in, self.b_in, self.route))
             aux["tree_diag"] = routing_diagnostics(x2, out[2], thr if thr is not None else self.route_threshold,
                                                    paths, self.w_in, self.b_in, self.activation, scores=scores,
-                                                   route=self.route)
+                                                   route=self.route, w_out=self.w_out, placement=self.placement)
         return y.reshape(shape), aux
 
 
@@ -396,6 +430,8 @@ def _describe(cfg: Config) -> str:
         text += f" init={t.init}"
     if t.route != "self":
         text += f" route={t.route}"
+    if t.route_loss > 0:
+        text += f" route_loss={t.route_loss:g}"
     return text
 
 
@@ -403,7 +439,8 @@ def _build(cfg: Config) -> TreeFFN:
     t = cfg.tree
     return TreeFFN(cfg.model.d_model, t.trees, t.depth, t.node_width, t.activation, t.placement, t.bias,
                    balance=t.balance, balance_rate=t.balance_rate,
-                   out_std=residual_std(cfg) if t.init == "residual" else None, route=t.route)
+                   out_std=residual_std(cfg) if t.init == "residual" else None, route=t.route,
+                   route_loss=t.route_loss)
 
 
 TREE = FFNVariant("tree", build=_build, describe=_describe, section=TreeConfig, check=_check)

@@ -184,6 +184,109 @@ def batch_thresholds(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | N
 
 
 @torch.no_grad()
+def best_path_values(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor,
+                     depth: int, activation: str, placement: str = "node") -> torch.Tensor:
+    """Value of the best root-to-leaf path below every node, (M, K, N) fp32, no grad.
+
+    A path's value is the magnitude of what its units add to the output, Σ_t Σ_w |φ(λ)|·‖v‖ (|λ|·‖v‖ for the
+    "output" placement: the contribution the choice statistics of ``treeffn analyze`` use); V_j = val_j + max(V_2j+1, V_2j+2), leaves upwards. It reads every
+    unit of the tree (a dense layer's input GEMM): a training-time signal and a diagnostic, never a routing rule.
+    """
+    M = x.shape[0]
+    K, N, W, D = w_in.shape
+    lam = (x.detach().float() @ w_in.detach().reshape(K * N * W, D).float().t()).view(M, K, N, W)
+    if b_in is not None:
+        lam = lam + b_in.detach().float()
+    mag = activation_fn(activation)(lam).abs_() if placement == "node" else lam.abs_()
+    v = mag.mul_(w_out.detach().float().norm(dim=-1)).sum(-1)  # (M, K, N)
+    for t in range(depth - 1, -1, -1):
+        j = torch.arange(2 ** t - 1, 2 ** (t + 1) - 1, device=x.device)
+        v[:, :, j] += torch.maximum(v[:, :, 2 * j + 1], v[:, :, 2 * j + 2])
+    return v
+
+
+@torch.no_grad()
+def best_path_targets(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor,
+                      depth: int, activation: str, paths: torch.Tensor, placement: str = "node") -> torch.Tensor:
+    """(M, K, depth) bool: at each visited node that routes, whether the right child's subtree holds the better
+    path (:func:`best_path_values`)."""
+    v = best_path_values(x, w_in, b_in, w_out, depth, activation, placement)
+    p = paths[:, :, :depth]
+    return v.gather(2, 2 * p + 2) > v.gather(2, 2 * p + 1)
+
+
+class _RouteLoss(torch.autograd.Function):
+    """Mean binary cross-entropy of the visited routing decisions, logits s − c with s = Σ_w λ (the node's own
+    units, ``route="self"``) and c the node's threshold, against given targets. Gradient only into w_in and b_in
+    (every unit of a node gets its node's, as s sums them); x, paths, thresholds and targets are constants."""
+
+    @staticmethod
+    def forward(ctx, w_in, b_in, x, paths, thr, target):
+        M, K, _ = paths.shape
+        steps = target.shape[2]
+        N = w_in.shape[1]
+        u = w_in.detach().float().sum(2).reshape(K * N, -1)  # (K·N, D)
+        b = None if b_in is None else b_in.detach().float().sum(2).reshape(-1)
+        xf = x.detach().float()
+        base = (torch.arange(K, device=x.device) * N).view(1, K)
+        total = torch.zeros((), dtype=torch.float64, device=x.device)
+        grads = []
+        for t in range(steps):
+            flat = (paths[:, :, t] + base).reshape(-1)
+            z = torch.bmm(u.index_select(0, flat).view(M, K, -1), xf.unsqueeze(-1)).view(M, K)
+            if b is not None:
+                z = z + b.index_select(0, flat).view(M, K)
+            if thr is not None:
+                z = z - thr.float().reshape(-1).index_select(0, flat).view(M, K)
+            y = target[:, :, t].float()
+            total += torch.nn.functional.binary_cross_entropy_with_logits(z, y, reduction="sum").double()
+            grads.append((flat, torch.sigmoid(z) - y))
+        n = M * K * max(steps, 1)
+        ctx.save_for_backward(xf)
+        ctx.grads, ctx.n, ctx.shape, ctx.has_b = grads, n, w_in.shape, b_in is not None
+        ctx.dtypes = (w_in.dtype, None if b_in is None else b_in.dtype)
+        return (total / n).float()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (xf,) = ctx.saved_tensors
+        K, N, W, D = ctx.shape
+        M = xf.shape[0]
+        gu = torch.zeros(K * N, D, dtype=torch.float32, device=xf.device)
+        gb = torch.zeros(K * N, dtype=torch.float32, device=xf.device)
+        scale = grad.float() / ctx.n
+        for flat, g in ctx.grads:
+            g = g * scale  # (M, K)
+            gu.index_add_(0, flat, (g.unsqueeze(-1) * xf.unsqueeze(1)).reshape(M * K, D))
+            gb.index_add_(0, flat, g.reshape(-1))
+        gw = gu.view(K, N, 1, D).expand(K, N, W, D).to(ctx.dtypes[0])
+        gbias = gb.view(K, N, 1).expand(K, N, W).to(ctx.dtypes[1]) if ctx.has_b else None
+        return gw, gbias, None, None, None, None
+
+
+def route_loss(w_in: torch.Tensor, b_in: torch.Tensor | None, x: torch.Tensor, paths: torch.Tensor,
+               thr: torch.Tensor | None, target: torch.Tensor) -> torch.Tensor:
+    """Scalar loss training each visited node's own routing score towards ``target`` (M, K, depth) bool (right =
+    True): mean over tokens, trees and routing levels of BCE(s − c, target). Gradient reaches w_in and b_in only.
+    :func:`route_loss_reference` is the autograd definition it is tested against."""
+    return _RouteLoss.apply(w_in, b_in, x, paths, thr, target)
+
+
+def route_loss_reference(w_in, b_in, x, paths, thr, target):
+    """Slow autograd form of :func:`route_loss`."""
+    K = w_in.shape[0]
+    steps = target.shape[2]
+    k_idx = torch.arange(K, device=x.device).view(1, K, 1)
+    p = paths[:, :, :steps]
+    s = torch.einsum("mktd,md->mkt", w_in.sum(2)[k_idx, p], x.detach())
+    if b_in is not None:
+        s = s + b_in.sum(2)[k_idx, p]
+    if thr is not None:
+        s = s - thr[k_idx, p]
+    return torch.nn.functional.binary_cross_entropy_with_logits(s, target.to(s.dtype))
+
+
+@torch.no_grad()
 def visit_counts(paths: torch.Tensor, n_nodes: int) -> torch.Tensor:
     """paths (M, K, L) -> visits per tree and node (K, N), int64."""
     M, K, L = paths.shape
@@ -195,7 +298,8 @@ def visit_counts(paths: torch.Tensor, n_nodes: int) -> torch.Tensor:
 def routing_diagnostics(x: torch.Tensor, lam: torch.Tensor, thr: torch.Tensor | None, paths: torch.Tensor,
                         w_in: torch.Tensor, b_in: torch.Tensor | None, activation: str,
                         eps: float = 0.05, max_tokens: int = 1024,
-                        scores: torch.Tensor | None = None, route: str = "self") -> dict[str, torch.Tensor]:
+                        scores: torch.Tensor | None = None, route: str = "self",
+                        w_out: torch.Tensor | None = None, placement: str = "node") -> dict[str, torch.Tensor]:
     """What tells the causes of a routing collapse apart, for one layer and one batch.
 
     x (M, D) routing inputs, lam (M, K, L, W) visited responses, paths (M, K, L), ``scores`` (M, K, L) the routing
@@ -208,11 +312,14 @@ def routing_diagnostics(x: torch.Tensor, lam: torch.Tensor, thr: torch.Tensor | 
       (token-weighted): ≫ 1 means the node sends its tokens one way whatever they are;
     * ``u_norm``, ``b_abs`` (L,): mean ‖Σ_w u‖ and |Σ_w b| of the nodes of each level (of the rows they route on,
       :func:`routing_rows`, under ``route``);
-    * ``live_grad`` (L,): fraction of visited units with φ'(λ) > eps (gradient reaches them, "node" placement).
+    * ``live_grad`` (L,): fraction of visited units with φ'(λ) > eps (gradient reaches them, "node" placement);
+    * with ``w_out``, ``best_agree`` (L − 1,): per routing level, the fraction of decisions that go the way of the
+      better subtree (:func:`best_path_targets`; 0.5 is chance), on the same ≤ ``max_tokens`` tokens as ``align``.
     """
     M, K, L, W = lam.shape
     N = w_in.shape[1]
-    xs = x[:: max(1, M // max_tokens)].float()
+    step = max(1, M // max_tokens)
+    xs = x[::step].float()
     n = xs.shape[0]
     xn = torch.nn.functional.normalize(xs, dim=-1)
     tot = xn.sum(0)
@@ -243,5 +350,10 @@ def routing_diagnostics(x: torch.Tensor, lam: torch.Tensor, thr: torch.Tensor | 
         b_abs.append(b_sum[:, sl].mean())
     live = (activation_grad(activation, lam.float()).abs() > eps).double().mean((0, 1, 3))
     centre = torch.stack(centre) if centre else torch.zeros(0, dtype=torch.float64, device=x.device)
-    return {"align": align.double(), "margin": margin, "centre": centre,
-            "u_norm": torch.stack(u_norm).double(), "b_abs": torch.stack(b_abs).double(), "live_grad": live}
+    out = {"align": align.double(), "margin": margin, "centre": centre,
+           "u_norm": torch.stack(u_norm).double(), "b_abs": torch.stack(b_abs).double(), "live_grad": live}
+    if w_out is not None and L > 1:
+        best = best_path_targets(xs, w_in, b_in, w_out, L - 1, activation, paths[::step], placement)
+        went = (s - cut)[::step, :, : L - 1] > 0
+        out["best_agree"] = (went == best).double().mean((0, 1))
+    return out
