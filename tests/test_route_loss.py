@@ -126,3 +126,38 @@ def test_model_config_key_and_errors():
     with pytest.raises(ConfigError, match="route=self"):
         get_config("tiny", {"ffn.kind": "tree", "tree.route_loss": "0.1", "tree.route": "children"})
     assert get_config("tiny", {"ffn.kind": "tree"}).tree.route_loss == 0.0  # off by default
+
+
+def test_best_paths_follow_the_better_subtree_and_route_the_model_in_analysis():
+    from treeffn.analyze import BestPathRouting, best_path_loss
+    from treeffn.data import Batches
+    from treeffn.ops.tree import best_paths
+
+    depth = 3
+    w, b, v = _tree(depth=depth)
+    x = torch.randn(7, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    vals = best_path_values(x, w, b, v, depth, "gelu")
+    p = best_paths(x, w, b, v, depth, "gelu")
+    assert (p[:, :, 0] == 0).all()
+    for t in range(depth):
+        left, right = vals.gather(2, 2 * p[:, :, t:t + 1] + 1), vals.gather(2, 2 * p[:, :, t:t + 1] + 2)
+        assert torch.equal(p[:, :, t + 1:t + 2], torch.where(right > left, 2 * p[:, :, t:t + 1] + 2,
+                                                             2 * p[:, :, t:t + 1] + 1))
+    # the walk's value is the root's best-path value
+    lam = torch.einsum("knwd,md->mknw", w, x) + b
+    c = (torch.nn.functional.gelu(lam).abs() * v.norm(dim=-1)).sum(-1)  # (M, K, N)
+    torch.testing.assert_close(c.gather(2, p).sum(-1), vals[:, :, 0], rtol=1e-5, atol=1e-6, check_dtype=False)
+    cfg = get_config("debug", {"ffn.kind": "tree"})
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    batches = Batches(torch.randint(0, cfg.model.vocab_size, (4096,)).numpy().astype("uint16"), cfg.model.seq_len,
+                      cfg.model.vocab_size)
+    with torch.no_grad():
+        idx = torch.randint(0, cfg.model.vocab_size, (2, 16))
+        plain = model(idx).logits
+        with BestPathRouting(model):
+            oracle = model(idx).logits
+        assert not torch.allclose(plain, oracle)  # another routing
+        torch.testing.assert_close(model(idx).logits, plain)  # and the hooks are gone
+    res = best_path_loss(model, batches, 4, 2, torch.device("cpu"))
+    assert res["tokens"] == 4 * cfg.model.seq_len and res["loss"] != res["loss_best_paths"]

@@ -214,12 +214,14 @@ def measure_choice(run: Path, data: Path) -> dict | None:
     stamp = (ckpt.resolve(run) / "model.safetensors").stat().st_mtime
     if cache.is_file() and cache.stat().st_mtime > stamp:
         rec = json.loads(cache.read_text())
-        if all(k in rec for k in CHOICE_KEYS):  # else measured before a statistic was added: measure again
+        if all(k in rec for k in CHOICE_KEYS + ("loss_best_paths",)):  # else measured before a statistic was added
             return rec
     print(f"[{run.name}] choice of units on {CHOICE_WINDOWS} validation windows", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        a = analyze(run, data, windows=CHOICE_WINDOWS, out=tmp, plots=False, progress=False, overwrite=True)
-    rec = {k: a["mean"][k] for k in CHOICE_KEYS} | {"windows": CHOICE_WINDOWS}
+        a = analyze(run, data, windows=CHOICE_WINDOWS, out=tmp, plots=False, progress=False, overwrite=True,
+                    best_path=True)
+    rec = {k: a["mean"][k] for k in CHOICE_KEYS} | {"windows": CHOICE_WINDOWS, "loss_routed": a["best_path_loss"]["loss"],
+                                                     "loss_best_paths": a["best_path_loss"]["loss_best_paths"]}
     cache.write_text(json.dumps(rec, indent=2))
     return rec
 
@@ -610,6 +612,10 @@ def reading(rows: list[dict]) -> list[str]:
     cmp("tree-node-children", "tree-node", "routing by the children's units vs the node's own")
     cmp("tree-node-children", "dense-1020", "equal training width, routed by children")
     cmp("tree-node-children", "dense-32", "equal inference width, routed by children")
+    cmp("tree-node-bestpath", "tree-node", "routing loss (weight 1) on vs off")
+    cmp("tree-node-bestpath01", "tree-node", "routing loss (weight 0.1) on vs off")
+    cmp("tree-node-bestpath", "dense-1020", "equal training width, routing loss")
+    cmp("tree-node-bestpath", "dense-32", "equal inference width, routing loss")
     for other in ("moe-top1", "moe-top2", "topk-32of1020"):
         cmp("tree-node", other, "32 active units each")
     out += autoprune_contrast(rows)
@@ -698,13 +704,15 @@ def choice_table(rows: list[dict]) -> list[str]:
            "on the token's paths, *capture* the paths' share of the 32 largest contributions' sum (1 and 1 for the "
            "choice a top-k layer makes from the same weights); uniformly random walks give the floor. *Best agree* is "
            "the fraction of routing decisions that go towards the child whose subtree holds the better path by the "
-           "same contributions (0.5 is a coin; what `tree.route_loss` trains towards).", "",
-           "| run | overlap | capture | random walks: overlap | random walks: capture | best agree |",
-           "|---|---:|---:|---:|---:|---:|"]
+           "same contributions (0.5 is a coin; what `tree.route_loss` trains towards). The last two columns are the "
+           "loss on the same windows as the model routes and with every tree walking its best path by those "
+           "contributions (`treeffn analyze --best-paths`, an oracle that reads every unit).", "",
+           "| run | overlap | capture | random walks: overlap | random walks: capture | best agree | loss as routed "
+           "| loss on best paths |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, cs in got.items():
         out.append(f"| {name} ({len(cs)} seed{'s' if len(cs) > 1 else ''}) | "
                    + " | ".join(f"{_mean([c[k] for c in cs]):.3f}" if all(k in c for c in cs) else "–"
-                                for k in CHOICE_KEYS) + " |")
+                                for k in CHOICE_KEYS + ("loss_routed", "loss_best_paths")) + " |")
     out.append("")
     if "tree-node" in got:
         m = {k: _mean([c[k] for c in got["tree-node"]]) for k in CHOICE_KEYS[:4]}

@@ -28,6 +28,10 @@ paths for the union are recomputed from each tree layer's input, captured with a
 differently, which does not change a count measurably). Statistics of a Mixture-of-Depths routed block cover the
 tokens that block processed.
 
+``--best-paths`` adds ``best_path_loss``: the mean loss on the same windows as the model routes, and with every
+trained tree layer routing each token along its best path by these contributions (``ops.tree.best_paths``, an oracle
+that reads every unit): how much loss the routing rule costs with the units as they are.
+
 Writes ``analysis.json`` (all of the above plus the raw visit counts, which ``treeffn prune --counts`` can reuse),
 ``levels.png`` (level utilisation heatmap, sorted leaf traffic, union sparsity), and, when DIR is a training run
 (or a checkpoint folder inside one), ``training.png``: leaf_util / dead_nodes / path_entropy against the training
@@ -49,7 +53,7 @@ from .data import Batches, check_vocab, load_meta, load_tokens, resolve_data
 from .device import resolve_device
 from .layers.tree import TreeFFN, TreeLayer
 from .ops.activations import activation_fn
-from .ops.tree import best_path_targets
+from .ops.tree import best_path_targets, best_paths
 from .outputs import check_output_dir, write_json_atomic
 from .stats import level_utilisation, tree_summary
 
@@ -243,6 +247,46 @@ def collect_visits(model: nn.Module, batches, starts: torch.Tensor, batch_size: 
     }
 
 
+class BestPathRouting:
+    """Within ``with BestPathRouting(model):`` every trained tree layer routes each token along the best path by its
+    units' contributions (:func:`treeffn.ops.tree.best_paths`) instead of its own rule: an oracle that reads every
+    unit, to measure how much of a model's loss its routing costs with the units as they are (``--best-paths``)."""
+
+    def __init__(self, model: nn.Module):
+        self.layers = [f for _, f in require_tree_layers(model, "the model") if isinstance(f, TreeFFN)]
+        self.handles: list = []
+
+    @staticmethod
+    def _hook(module: TreeFFN, args, output):
+        x = args[0]
+        x2 = x.reshape(-1, x.shape[-1])
+        paths = best_paths(x2, module.w_in, module.b_in, module.w_out, module.depth, module.activation,
+                           module.placement)
+        y = module.forward_2d(x2, impl="sparse", paths=paths)[0]
+        return y.reshape(x.shape), output[1]
+
+    def __enter__(self) -> "BestPathRouting":
+        self.handles = [f.register_forward_hook(self._hook) for f in self.layers]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+@torch.no_grad()
+def best_path_loss(model: nn.Module, batches, windows: int, batch_size: int, device) -> dict:
+    """Mean validation loss on ``windows`` windows as the model routes, and with every tree layer on its best paths
+    (:class:`BestPathRouting`)."""
+    from .evaluate import evaluate_loss
+
+    loss, tokens = evaluate_loss(model, batches, windows, batch_size, device)
+    with BestPathRouting(model):
+        best, _ = evaluate_loss(model, batches, windows, batch_size, device)
+    return {"loss": loss, "loss_best_paths": best, "tokens": tokens}
+
+
 # ---- statistics of one layer ---------------------------------------------------------------------------------
 def layer_report(layer: nn.Module, counts: torch.Tensor, union: dict) -> dict:
     s = tree_summary(counts)
@@ -285,7 +329,7 @@ def open_split(model: nn.Module, data_dir: Path, split: str = "val"):
 def analyze(path: str | Path, data: str | Path | None = None, windows: int = DEFAULT_WINDOWS,
             chunks: tuple[int, ...] = DEFAULT_CHUNKS, out: str | Path | None = None, device: str = "auto",
             batch_size: int = 8, split: str = "val", plots: bool = True, progress: bool = False,
-            overwrite: bool = False) -> dict:
+            overwrite: bool = False, best_path: bool = False) -> dict:
     """Analyse the checkpoint at ``path``; write analysis.json (and PNGs) to ``out`` (default PATH/analysis).
 
     ``out`` must be missing, empty, or an earlier analysis (replaced only with ``overwrite``): nothing else is ever
@@ -325,6 +369,8 @@ def analyze(path: str | Path, data: str | Path | None = None, windows: int = DEF
         "layers": reports,
         "plots": {},
     }
+    if best_path:
+        result["best_path_loss"] = best_path_loss(model, batches, len(starts), batch_size, dev)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = find_metrics(Path(path), folder)
     curves = read_training_curves(metrics) if metrics is not None else {}
@@ -460,6 +506,9 @@ def add_arguments(p) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="auto")
     p.add_argument("--no-plots", action="store_true", help="write analysis.json only")
+    p.add_argument("--best-paths", action="store_true",
+                   help="also the loss on the same windows with every tree routed along its best paths (an oracle "
+                        "that reads every unit: what the routing costs with the units as they are)")
     p.add_argument("--json", action="store_true", help="print analysis.json instead of the table")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -485,6 +534,10 @@ def format_report(res: dict) -> str:
     lines += ["", "level utilisation (root first):"]
     for r in res["layers"]:
         lines.append(f"  layer {r['layer']}: " + " ".join(f"{v:.2f}" for v in r["level_util"]))
+    if "best_path_loss" in res:
+        b = res["best_path_loss"]
+        lines += ["", f"loss on these windows: {b['loss']:.4f} as routed, {b['loss_best_paths']:.4f} with every tree on "
+                      f"its best paths ({b['loss_best_paths'] - b['loss']:+.4f}; an oracle that reads every unit)"]
     if "training" in res:
         last = res["training"]["last"]
         lines.append(f"training log {res['training']['metrics']} ({res['training']['points']} points), last: "
@@ -496,7 +549,7 @@ def format_report(res: dict) -> str:
 def run(args) -> int:
     res = analyze(args.dir, data=args.data, windows=args.windows, chunks=parse_chunks(args.chunk), out=args.out,
                   device=args.device, batch_size=args.batch_size, split=args.split, plots=not args.no_plots,
-                  progress=not args.quiet, overwrite=args.overwrite)
+                  progress=not args.quiet, overwrite=args.overwrite, best_path=args.best_paths)
     if args.json:
         print(json.dumps({k: v for k, v in res.items()}, default=str))
     else:

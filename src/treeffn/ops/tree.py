@@ -215,6 +215,22 @@ def best_path_targets(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | 
     return v.gather(2, 2 * p + 2) > v.gather(2, 2 * p + 1)
 
 
+@torch.no_grad()
+def best_paths(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor, depth: int,
+               activation: str, placement: str = "node") -> torch.Tensor:
+    """The walk every routing loss target points along: from the root, always to the child whose subtree holds the
+    better path (:func:`best_path_values`), (M, K, L) int64 — the best path by its units' contributions. It reads
+    every unit, so it is an analysis oracle (``treeffn analyze --best-paths``), not a routing rule."""
+    v = best_path_values(x, w_in, b_in, w_out, depth, activation, placement)
+    M, K = x.shape[0], w_in.shape[0]
+    out = torch.zeros(M, K, depth + 1, dtype=torch.long, device=x.device)
+    for t in range(depth):
+        j = out[:, :, t]
+        out[:, :, t + 1] = 2 * j + 1 + (v.gather(2, (2 * j + 2).unsqueeze(-1)) >
+                                        v.gather(2, (2 * j + 1).unsqueeze(-1))).squeeze(-1).long()
+    return out
+
+
 class _RouteLoss(torch.autograd.Function):
     """Mean binary cross-entropy of the visited routing decisions, logits s − c with s = Σ_w λ (the node's own
     units, ``route="self"``) and c the node's threshold, against given targets. Gradient only into w_in and b_in
