@@ -83,6 +83,15 @@ targets read every unit, a dense layer's input GEMM, in training only. Inference
 decisions with these targets is logged as ``tree/best_agree`` (and by ``treeffn analyze``) for every tree, with or
 without the loss; docs/quality.md measures the effect.
 
+Straight-through routing gradient (``route_grad``, a weight; 0 = off; "node" placement). The hard decision gets no
+gradient from the LM loss. With this option the backward pass gives each visited routing node the gradient a soft
+decision p = σ(s − c) would receive, with the two children's own outputs h = Σ_w φ(λ)·v as the alternatives::
+
+    ∂L/∂s_kj = weight · σ'(s_kj − c_kj) · ∂L/∂y · (h_k(2j+2) − h_k(2j+1))
+
+into the node's input weights and bias (not into x); the forward pass, and so inference, is unchanged. It reads the
+sibling of every visited node in training (one level of lookahead).
+
 Depth 0 is a dense MLP of K·W units (every token visits every root): ``tests/test_model.py`` checks it.
 
 Implementations (selected by ``impl``; ``"auto"`` picks the fastest available):
@@ -117,6 +126,7 @@ from ..ops.tree import (  # noqa: F401  (re-exported: the reference maths lives 
     best_path_targets,
     num_nodes,
     route_loss,
+    route_straight_through,
     routing_diagnostics,
     routing_rows,
     routing_scores,
@@ -146,6 +156,7 @@ class TreeConfig:
     init: str = "residual"  # output vectors: residual (GPT-2 residual-branch scale) | ufb (UFB-23's uniform rule)
     route: str = "self"  # what a node routes on: self (its own units, UFB-23) | children (which child responds more)
     route_loss: float = 0.0  # weight of the routing loss (nodes trained towards their better subtree); 0 = off
+    route_grad: float = 0.0  # weight of the straight-through routing gradient from the LM loss; 0 = off
 
     def check(self) -> None:
         if self.trees < 1 or self.node_width < 1:
@@ -160,15 +171,19 @@ class TreeConfig:
             raise ConfigError(f"tree.init must be one of {', '.join(INITS)} (got '{self.init}')")
         if self.route not in ROUTES:
             raise ConfigError(f"tree.route must be one of {', '.join(ROUTES)} (got '{self.route}')")
-        check_route_loss(self.route_loss, self.route)
+        check_route_training(self.route_loss, self.route_grad, self.route, self.placement)
 
 
-def check_route_loss(weight: float, route: str) -> None:
-    if not weight >= 0.0:
-        raise ConfigError(f"tree.route_loss must be ≥ 0 (got {weight})")
-    if weight > 0.0 and route != "self":
-        raise ConfigError(f"tree.route_loss trains the nodes' own routing scores; it needs tree.route=self "
-                          f"(got '{route}')")
+def check_route_training(loss: float, grad: float, route: str, placement: str) -> None:
+    """The routing loss and the straight-through routing gradient train the nodes' own routing scores."""
+    for key, weight in (("route_loss", loss), ("route_grad", grad)):
+        if not weight >= 0.0:
+            raise ConfigError(f"tree.{key} must be ≥ 0 (got {weight})")
+        if weight > 0.0 and route != "self":
+            raise ConfigError(f"tree.{key} trains the nodes' own routing scores; it needs tree.route=self "
+                              f"(got '{route}')")
+    if grad > 0.0 and placement != "node":
+        raise ConfigError(f"tree.route_grad needs tree.placement=node (got '{placement}')")
 
 
 def check_tree(d_model: int, trees: int, depth: int, node_width: int, activation: str, placement: str) -> None:
@@ -267,6 +282,7 @@ class TreeFFN(TreeLayer):
         out_std: float | None = None,
         route: str = "self",
         route_loss: float = 0.0,
+        route_grad: float = 0.0,
     ):
         super().__init__()
         check_tree(d_model, trees, depth, node_width, activation, placement)
@@ -278,8 +294,8 @@ class TreeFFN(TreeLayer):
             raise ConfigError(f"tree.balance_rate must be in (0, 1] (got {balance_rate})")
         if route not in ROUTES:
             raise ConfigError(f"unknown tree.route '{route}'; choose one of {', '.join(ROUTES)}")
-        check_route_loss(route_loss, route)
-        self.route, self.route_loss = route, route_loss
+        check_route_training(route_loss, route_grad, route, placement)
+        self.route, self.route_loss, self.route_grad = route, route_loss, route_grad
         self.d_model, self.trees, self.depth, self.node_width = d_model, trees, depth, node_width
         self.activation, self.placement, self.impl = activation, placement, impl
         self.balance, self.balance_rate = balance, balance_rate
@@ -315,7 +331,7 @@ class TreeFFN(TreeLayer):
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, trees={self.trees}, depth={self.depth}, node_width={self.node_width}, "
                 f"activation={self.activation}, placement={self.placement}, balance={self.balance}, route={self.route}, "
-                f"route_loss={self.route_loss:g}, impl={self.impl}")
+                f"route_loss={self.route_loss:g}, route_grad={self.route_grad:g}, impl={self.impl}")
 
     # ---- forward ----------------------------------------------------------------------------------------------
     def _choose_impl(self, x: torch.Tensor) -> str:
@@ -400,6 +416,12 @@ class TreeFFN(TreeLayer):
             target = best_path_targets(x2, self.w_in, self.b_in, self.w_out, self.depth, self.activation, paths,
                                        self.placement)
             aux["loss"] = self.route_loss * route_loss(self.w_in, self.b_in, x2, paths, thr, target)
+        if self.route_grad > 0.0 and self.training and torch.is_grad_enabled():
+            if paths is None:
+                paths = tree_paths(x2, self.w_in, self.b_in, self.depth, thr, route=self.route)
+            y = route_straight_through(y, self.w_in, self.b_in, self.w_out, x2, paths,
+                                       thr if thr is not None else self.route_threshold, self.route_grad,
+                                       self.activation)
         if self.track_stats:
             if paths is None:
                 paths = tree_paths(x2, self.w_in, self.b_in, self.depth, self.route_threshold, route=self.route)
@@ -432,6 +454,8 @@ def _describe(cfg: Config) -> str:
         text += f" route={t.route}"
     if t.route_loss > 0:
         text += f" route_loss={t.route_loss:g}"
+    if t.route_grad > 0:
+        text += f" route_grad={t.route_grad:g}"
     return text
 
 
@@ -440,7 +464,7 @@ def _build(cfg: Config) -> TreeFFN:
     return TreeFFN(cfg.model.d_model, t.trees, t.depth, t.node_width, t.activation, t.placement, t.bias,
                    balance=t.balance, balance_rate=t.balance_rate,
                    out_std=residual_std(cfg) if t.init == "residual" else None, route=t.route,
-                   route_loss=t.route_loss)
+                   route_loss=t.route_loss, route_grad=t.route_grad)
 
 
 TREE = FFNVariant("tree", build=_build, describe=_describe, section=TreeConfig, check=_check)

@@ -302,6 +302,100 @@ def route_loss_reference(w_in, b_in, x, paths, thr, target):
     return torch.nn.functional.binary_cross_entropy_with_logits(s, target.to(s.dtype))
 
 
+def _child_outputs(xf, w_flat, b_flat, v_flat, nodes, W, phi):
+    """Σ_w φ(λ_nw)·v_nw of the node each token has in ``nodes`` (M, K) (flat node index k·N + n): (M, K, D) fp32."""
+    M, K = nodes.shape
+    rows = (nodes.reshape(-1, 1) * W + torch.arange(W, device=xf.device)).reshape(-1)  # (M·K·W,)
+    lam = torch.bmm(w_flat.index_select(0, rows).view(M, K * W, -1), xf.unsqueeze(-1)).view(M, K, W)
+    if b_flat is not None:
+        lam = lam + b_flat.index_select(0, rows).view(M, K, W)
+    return torch.einsum("mkw,mkwd->mkd", phi(lam), v_flat.index_select(0, rows).view(M, K, W, -1))
+
+
+class _RouteStraightThrough(torch.autograd.Function):
+    """Identity on the tree's output y in the forward pass; in the backward pass it also sends the gradient that a
+    soft decision p = σ(s − c) at every visited routing node would receive, dL/ds = weight · σ'(s − c) ·
+    dL/dy · (h_right − h_left), h a child's own output Σ_w φ(λ)·v, into that node's input weights and bias (the
+    straight-through estimate of the hard decision's gradient, one level of lookahead)."""
+
+    @staticmethod
+    def forward(ctx, y, w_in, b_in, w_out, x, paths, thr, weight, activation):
+        ctx.save_for_backward(w_in, b_in if b_in is not None else torch.empty(0), w_out, x, paths,
+                              thr if thr is not None else torch.empty(0))
+        ctx.has_b, ctx.has_thr, ctx.weight, ctx.activation = b_in is not None, thr is not None, weight, activation
+        return y.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        w_in, b_in, w_out, x, paths, thr = ctx.saved_tensors
+        K, N, W, D = w_in.shape
+        M, _, L = paths.shape
+        phi = activation_fn(ctx.activation)
+        xf, gf = x.detach().float(), g.float()
+        w_flat = w_in.detach().float().reshape(K * N * W, D)
+        v_flat = w_out.detach().float().reshape(K * N * W, D)
+        b_flat = b_in.detach().float().reshape(-1) if ctx.has_b else None
+        u = w_flat.view(K * N, W, D).sum(1)
+        bs = b_flat.view(K * N, W).sum(1) if ctx.has_b else None
+        base = (torch.arange(K, device=x.device) * N).view(1, K)
+        gu = torch.zeros(K * N, D, dtype=torch.float32, device=x.device)
+        gb = torch.zeros(K * N, dtype=torch.float32, device=x.device)
+        for t in range(L - 1):
+            j = paths[:, :, t] + base  # (M, K) flat index of the routing node
+            z = torch.bmm(u.index_select(0, j.reshape(-1)).view(M, K, D), xf.unsqueeze(-1)).view(M, K)
+            if bs is not None:
+                z = z + bs.index_select(0, j.reshape(-1)).view(M, K)
+            if ctx.has_thr:
+                z = z - thr.float().reshape(-1).index_select(0, j.reshape(-1)).view(M, K)
+            node = paths[:, :, t]
+            h_r = _child_outputs(xf, w_flat, b_flat, v_flat, 2 * node + 2 + base, W, phi)
+            h_l = _child_outputs(xf, w_flat, b_flat, v_flat, 2 * node + 1 + base, W, phi)
+            q = torch.einsum("md,mkd->mk", gf, h_r - h_l)
+            sig = torch.sigmoid(z)
+            ds = ctx.weight * q * sig * (1 - sig)  # (M, K)
+            gu.index_add_(0, j.reshape(-1), (ds.unsqueeze(-1) * xf.unsqueeze(1)).reshape(M * K, D))
+            gb.index_add_(0, j.reshape(-1), ds.reshape(-1))
+        gw = gu.view(K, N, 1, D).expand(K, N, W, D).to(w_in.dtype)
+        gbias = gb.view(K, N, 1).expand(K, N, W).to(b_in.dtype) if ctx.has_b else None
+        return g, gw, gbias, None, None, None, None, None, None
+
+
+def route_straight_through(y: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, w_out: torch.Tensor,
+                           x: torch.Tensor, paths: torch.Tensor, thr: torch.Tensor | None, weight: float,
+                           activation: str) -> torch.Tensor:
+    """y unchanged; its backward adds the straight-through routing gradient (:class:`_RouteStraightThrough`) of the
+    "node" placement and ``route="self"`` to w_in and b_in. :func:`route_straight_through_reference` is the autograd
+    definition it is tested against."""
+    return _RouteStraightThrough.apply(y, w_in, b_in, w_out, x.detach(), paths, thr, float(weight), activation)
+
+
+def route_straight_through_reference(y, w_in, b_in, w_out, x, paths, thr, weight, activation):
+    """y + Σ_levels,trees weight · (p − p.detach()) · (h_right − h_left).detach(), p = σ(s − c): equal to y in value,
+    with the gradient of :func:`route_straight_through`."""
+    K, N, W, D = w_in.shape
+    L = paths.shape[2]
+    k_idx = torch.arange(K, device=x.device).view(1, K, 1)
+    x = x.detach()
+    node = paths[:, :, : L - 1]
+    s = torch.einsum("mktd,md->mkt", w_in.sum(2)[k_idx, node], x)
+    if b_in is not None:
+        s = s + b_in.sum(2)[k_idx, node]
+    if thr is not None:
+        s = s - thr[k_idx, node]
+    p = torch.sigmoid(s)
+    with torch.no_grad():
+        phi = activation_fn(activation)
+
+        def h(n):
+            lam = torch.einsum("mktwd,md->mktw", w_in[k_idx, n], x)
+            if b_in is not None:
+                lam = lam + b_in[k_idx, n]
+            return torch.einsum("mktw,mktwd->mktd", phi(lam), w_out[k_idx, n])
+
+        diff = h(2 * node + 2) - h(2 * node + 1)  # (M, K, L-1, D)
+    return y + weight * torch.einsum("mkt,mktd->md", p - p.detach(), diff)
+
+
 @torch.no_grad()
 def visit_counts(paths: torch.Tensor, n_nodes: int) -> torch.Tensor:
     """paths (M, K, L) -> visits per tree and node (K, N), int64."""

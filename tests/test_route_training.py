@@ -1,4 +1,5 @@
-"""The routing loss (tree.route_loss): best-path targets, the fast loss against its autograd reference, the layer."""
+"""Training signals for the routing: the routing loss (tree.route_loss: best-path targets, the fast loss against its
+autograd reference, the layer) and the straight-through routing gradient (tree.route_grad)."""
 
 import itertools
 
@@ -10,7 +11,7 @@ from treeffn.errors import ConfigError
 from treeffn.layers.tree import TreeFFN
 from treeffn.model import GPT
 from treeffn.ops.tree import (best_path_targets, best_path_values, route_loss, route_loss_reference,
-                              tree_paths)
+                              route_straight_through, route_straight_through_reference, tree_paths, tree_reference)
 
 
 def _tree(K=2, depth=3, W=2, D=6, seed=0, dtype=torch.float64):
@@ -161,3 +162,49 @@ def test_best_paths_follow_the_better_subtree_and_route_the_model_in_analysis():
         torch.testing.assert_close(model(idx).logits, plain)  # and the hooks are gone
     res = best_path_loss(model, batches, 4, 2, torch.device("cpu"))
     assert res["tokens"] == 4 * cfg.model.seq_len and res["loss"] != res["loss_best_paths"]
+
+
+@pytest.mark.parametrize("bias,thr,W", [(True, True, 1), (True, False, 2), (False, True, 3)])
+def test_straight_through_gradient_matches_its_autograd_reference(bias, thr, W):
+    depth, D, M = 3, 8, 40
+    w, b, v = _tree(K=3, depth=depth, W=W, D=D, seed=3)
+    b = b if bias else None
+    params = [p.requires_grad_(True) for p in (w, b, v) if p is not None]
+    x = torch.randn(M, D, dtype=torch.float64, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    c = torch.randn(3, 15, dtype=torch.float64) * 0.3 if thr else None
+    paths = tree_paths(x, w, b, depth, c)
+    y = tree_reference(x, w, b, v, depth, "gelu", "node", paths)
+    g = torch.randn(M, D, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    got = route_straight_through(y, w, b, v, x, paths, c, 0.7, "gelu")
+    want = route_straight_through_reference(y, w, b, v, x, paths, c, 0.7, "gelu")
+    torch.testing.assert_close(got, y)  # the forward pass is the identity
+    torch.testing.assert_close(want, y)
+    inputs = params + [x]
+    g1 = torch.autograd.grad((got * g).sum(), inputs, retain_graph=True)
+    g2 = torch.autograd.grad((want * g).sum(), inputs, retain_graph=True)
+    g0 = torch.autograd.grad((y * g).sum(), inputs)
+    for a, e in zip(g1, g2):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)  # the fast path computes in fp32
+    # it adds to the input weights (and biases) only: outputs and x get the plain gradient
+    assert not torch.allclose(g1[0], g0[0])
+    torch.testing.assert_close(g1[-1], g0[-1])
+    torch.testing.assert_close(g1[len(params) - 1], g0[len(params) - 1])
+
+
+def test_layer_straight_through_in_training_only_and_config():
+    torch.manual_seed(0)
+    kw = dict(trees=2, depth=3, balance="threshold")
+    layer, plain = TreeFFN(16, route_grad=1.0, **kw), TreeFFN(16, **kw)
+    plain.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 10, 16)
+    y1, _ = layer.train()(x)
+    y0, _ = plain.train()(x)
+    torch.testing.assert_close(y1, y0)
+    g1 = torch.autograd.grad(y1.square().sum(), (layer.w_in, layer.w_out))
+    g0 = torch.autograd.grad(y0.square().sum(), (plain.w_in, plain.w_out))
+    assert not torch.allclose(g1[0], g0[0]) and torch.allclose(g1[1], g0[1])
+    assert get_config("tiny", {"ffn.kind": "tree", "tree.route_grad": "1"}).tree.route_grad == 1.0
+    for bad, match in (({"tree.route_grad": "-1"}, "route_grad"), ({"tree.route_grad": "1", "tree.route": "children"},
+                       "route=self"), ({"tree.route_grad": "1", "tree.placement": "output"}, "placement=node")):
+        with pytest.raises(ConfigError, match=match):
+            get_config("tiny", {"ffn.kind": "tree", **bad})
