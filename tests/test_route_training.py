@@ -164,19 +164,20 @@ def test_best_paths_follow_the_better_subtree_and_route_the_model_in_analysis():
     assert res["tokens"] == 4 * cfg.model.seq_len and res["loss"] != res["loss_best_paths"]
 
 
+@pytest.mark.parametrize("route", ["self", "children"])
 @pytest.mark.parametrize("bias,thr,W", [(True, True, 1), (True, False, 2), (False, True, 3)])
-def test_straight_through_gradient_matches_its_autograd_reference(bias, thr, W):
+def test_straight_through_gradient_matches_its_autograd_reference(bias, thr, W, route):
     depth, D, M = 3, 8, 40
     w, b, v = _tree(K=3, depth=depth, W=W, D=D, seed=3)
     b = b if bias else None
     params = [p.requires_grad_(True) for p in (w, b, v) if p is not None]
     x = torch.randn(M, D, dtype=torch.float64, generator=torch.Generator().manual_seed(4), requires_grad=True)
     c = torch.randn(3, 15, dtype=torch.float64) * 0.3 if thr else None
-    paths = tree_paths(x, w, b, depth, c)
+    paths = tree_paths(x, w, b, depth, c, route=route)
     y = tree_reference(x, w, b, v, depth, "gelu", "node", paths)
     g = torch.randn(M, D, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    got = route_straight_through(y, w, b, v, x, paths, c, 0.7, "gelu")
-    want = route_straight_through_reference(y, w, b, v, x, paths, c, 0.7, "gelu")
+    got = route_straight_through(y, w, b, v, x, paths, c, 0.7, "gelu", route)
+    want = route_straight_through_reference(y, w, b, v, x, paths, c, 0.7, "gelu", route)
     torch.testing.assert_close(got, y)  # the forward pass is the identity
     torch.testing.assert_close(want, y)
     inputs = params + [x]
@@ -191,9 +192,10 @@ def test_straight_through_gradient_matches_its_autograd_reference(bias, thr, W):
     torch.testing.assert_close(g1[len(params) - 1], g0[len(params) - 1])
 
 
-def test_layer_straight_through_in_training_only_and_config():
+@pytest.mark.parametrize("route", ["self", "children"])
+def test_layer_straight_through_in_training_only_and_config(route):
     torch.manual_seed(0)
-    kw = dict(trees=2, depth=3, balance="threshold")
+    kw = dict(trees=2, depth=3, balance="threshold", route=route)
     layer, plain = TreeFFN(16, route_grad=1.0, **kw), TreeFFN(16, **kw)
     plain.load_state_dict(layer.state_dict())
     x = torch.randn(2, 10, 16)
@@ -204,7 +206,9 @@ def test_layer_straight_through_in_training_only_and_config():
     g0 = torch.autograd.grad(y0.square().sum(), (plain.w_in, plain.w_out))
     assert not torch.allclose(g1[0], g0[0]) and torch.allclose(g1[1], g0[1])
     assert get_config("tiny", {"ffn.kind": "tree", "tree.route_grad": "1"}).tree.route_grad == 1.0
-    for bad, match in (({"tree.route_grad": "-1"}, "route_grad"), ({"tree.route_grad": "1", "tree.route": "children"},
-                       "route=self"), ({"tree.route_grad": "1", "tree.placement": "output"}, "placement=node")):
+    both = get_config("tiny", {"ffn.kind": "tree", "tree.route_grad": "1", "tree.route": "children"}).tree
+    assert (both.route, both.route_grad) == ("children", 1.0)
+    for bad, match in (({"tree.route_grad": "-1"}, "route_grad"), ({"tree.route_grad": "1", "tree.placement": "output"},
+                       "placement=node")):
         with pytest.raises(ConfigError, match=match):
             get_config("tiny", {"ffn.kind": "tree", **bad})

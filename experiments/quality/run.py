@@ -17,6 +17,7 @@ schedule), the same seed-determined batches and the same token budget; only the 
     tree-node-bestpath    tree-node with the routing loss (``tree.route_loss`` 1; ...01: 0.1): each node trained
                           towards the child whose subtree holds the better path
     tree-node-stgrad      tree-node with the straight-through routing gradient (``tree.route_grad`` 1; ...4: 4)
+    tree-node-children-stgrad4  both: routed by children, straight-through gradient at weight 4
     topk-32of1020         GELU MLP of 1,020 units keeping its 32 largest activations per token (trained sparsity)
 
     .venv/bin/python experiments/quality/run.py                       # the default plan, in priority order
@@ -84,6 +85,9 @@ RUNS: dict[str, tuple[str, dict]] = {
                          {"ffn.kind": "tree", "tree.route_grad": 1.0}),
     "tree-node-stgrad4": ("tree 4x7, node placement, thresholds, straight-through routing gradient (weight 4)",
                           {"ffn.kind": "tree", "tree.route_grad": 4.0}),
+    "tree-node-children-stgrad4": ("tree 4x7, node placement, thresholds, routed by children, straight-through "
+                                   "routing gradient (weight 4)",
+                                   {"ffn.kind": "tree", "tree.route": "children", "tree.route_grad": 4.0}),
     "topk-32of1020": ("GELU MLP of 1,020 units, 32 largest activations kept",
                       {"ffn.kind": "topk", "ffn.hidden": 1020, "topk.active": 32}),
 }
@@ -94,7 +98,8 @@ DEFAULT_PLAN = (
     [(n, 0, EPOCH) for n in ("tree-node", "dense-1020", "dense-32", "tree-node-faithful", "tree-node-ufbinit",
                              "tree-output", "tree-node-ufb", "tree-output-faithful", "moe-top1", "moe-top2",
                              "tree-1x7w4", "topk-32of1020", "tree-node-children", "tree-node-bestpath",
-                             "tree-node-stgrad", "tree-node-stgrad4", "tree-node-bestpath01")]
+                             "tree-node-stgrad", "tree-node-stgrad4", "tree-node-children-stgrad4",
+                             "tree-node-bestpath01")]
     + [(n, s, EPOCH) for s in (1, 2) for n in ("dense-1020", "tree-node", "dense-32", "tree-node-children",
                                                  "tree-node-stgrad4")]
     + [(n, 0, 3 * EPOCH) for n in ("dense-1020", "tree-node")]
@@ -623,6 +628,9 @@ def reading(rows: list[dict]) -> list[str]:
     cmp("tree-node-bestpath01", "tree-node", "routing loss (weight 0.1) on vs off")
     cmp("tree-node-stgrad", "tree-node", "straight-through routing gradient on vs off")
     cmp("tree-node-stgrad4", "tree-node", "straight-through routing gradient (weight 4) on vs off")
+    cmp("tree-node-stgrad4", "dense-1020", "equal training width, straight-through routing gradient")
+    cmp("tree-node-stgrad4", "dense-32", "equal inference width, straight-through routing gradient")
+    cmp("tree-node-children-stgrad4", "tree-node-children", "straight-through gradient on vs off, routed by children")
     cmp("tree-node-bestpath", "dense-1020", "equal training width, routing loss")
     cmp("tree-node-bestpath", "dense-32", "equal inference width, routing loss")
     for other in ("moe-top1", "moe-top2", "topk-32of1020"):
@@ -686,7 +694,7 @@ OPEN = """
 (`python experiments/quality/run.py` runs them, reusing every finished run). Of the training signals for the routing
 (above), a target built from response magnitudes makes the model worse, and the straight-through gradient, which takes
 its signal from the loss, gives a gain of the size routing by children gives, at no inference cost (measured above). Next:
-its combination with routing by children; the three-epoch pair, to see whether the gap to the wide
+its combination with routing by children (tree-node-children-stgrad4, in the plan); the three-epoch pair, to see whether the gap to the wide
 MLP shrinks with tokens; and tree shapes whose tokens share fewer units at the same 32 active (every token of a 4x7
 layer uses the same 4 root units and half of them the same 4 units below).
 """
@@ -801,8 +809,8 @@ def routing_signal_findings(rows: list[dict]) -> list[str]:
     """The paragraph on training the routing (``tree.route_loss``, ``tree.route_grad``), computed from the runs;
     empty until one of those runs exists."""
     fin = final_losses(rows)
-    names = [n for n in ("tree-node-bestpath", "tree-node-bestpath01", "tree-node-stgrad", "tree-node-stgrad4")
-             if n in fin]
+    names = [n for n in ("tree-node-bestpath", "tree-node-bestpath01", "tree-node-stgrad", "tree-node-stgrad4",
+                         "tree-node-children-stgrad4") if n in fin]
     if "tree-node" not in fin or not names:
         return []
     t = _mean(fin["tree-node"])
@@ -838,7 +846,8 @@ def routing_signal_findings(rows: list[dict]) -> list[str]:
                        ("tree-node-stgrad", "the straight-through gradient (`tree.route_grad` 1): each hard "
                         "decision gets the LM-loss gradient a soft σ(s − c) decision between the two children's "
                         "outputs would get"),
-                       ("tree-node-stgrad4", "the same gradient at weight 4")):
+                       ("tree-node-stgrad4", "the same gradient at weight 4"),
+                       ("tree-node-children-stgrad4", "routing by children with that gradient (weight 4)")):
         if name in fin:
             out.append(f"- {name}, {what}: {loss(name)}{agree(name)}.")
     routed, best = stat("tree-node", "loss_routed"), stat("tree-node", "loss_best_paths")

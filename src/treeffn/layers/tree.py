@@ -89,8 +89,9 @@ decision p = σ(s − c) would receive, with the two children's own outputs h = 
 
     ∂L/∂s_kj = weight · σ'(s_kj − c_kj) · ∂L/∂y · (h_k(2j+2) − h_k(2j+1))
 
-into the node's input weights and bias (not into x); the forward pass, and so inference, is unchanged. It reads the
-sibling of every visited node in training (one level of lookahead).
+into the node's input weights and bias (not into x); with ``route="children"``, where s is the children's difference,
+into the two children's (+ right, − left). The forward pass, and so inference, is unchanged; in training the
+backward pass computes every unit's response (a dense layer's GEMMs) for the children's outputs.
 
 Depth 0 is a dense MLP of K·W units (every token visits every root): ``tests/test_model.py`` checks it.
 
@@ -175,13 +176,14 @@ class TreeConfig:
 
 
 def check_route_training(loss: float, grad: float, route: str, placement: str) -> None:
-    """The routing loss and the straight-through routing gradient train the nodes' own routing scores."""
+    """The routing loss trains the nodes' own routing scores; the straight-through routing gradient those of either
+    routing rule, under the "node" placement."""
     for key, weight in (("route_loss", loss), ("route_grad", grad)):
         if not weight >= 0.0:
             raise ConfigError(f"tree.{key} must be ≥ 0 (got {weight})")
-        if weight > 0.0 and route != "self":
-            raise ConfigError(f"tree.{key} trains the nodes' own routing scores; it needs tree.route=self "
-                              f"(got '{route}')")
+    if loss > 0.0 and route != "self":
+        raise ConfigError(f"tree.route_loss trains the nodes' own routing scores; it needs tree.route=self "
+                          f"(got '{route}')")
     if grad > 0.0 and placement != "node":
         raise ConfigError(f"tree.route_grad needs tree.placement=node (got '{placement}')")
 
@@ -421,7 +423,7 @@ class TreeFFN(TreeLayer):
                 paths = tree_paths(x2, self.w_in, self.b_in, self.depth, thr, route=self.route)
             y = route_straight_through(y, self.w_in, self.b_in, self.w_out, x2, paths,
                                        thr if thr is not None else self.route_threshold, self.route_grad,
-                                       self.activation)
+                                       self.activation, self.route)
         if self.track_stats:
             if paths is None:
                 paths = tree_paths(x2, self.w_in, self.b_in, self.depth, self.route_threshold, route=self.route)
