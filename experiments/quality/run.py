@@ -693,7 +693,8 @@ OPEN = """
 **What is open.** The 2 % target against dense-1020 is not met; the rows of the plan not yet run are listed below
 (`python experiments/quality/run.py` runs them, reusing every finished run). Of the training signals for the routing
 (above), a target built from response magnitudes makes the model worse, and the straight-through gradient, which takes
-its signal from the loss, gives a gain of the size routing by children gives, at no inference cost (measured above). Next:
+its signal from the loss, gives a small gain at no inference cost that three seeds do not separate from seed noise
+(the comparisons above). Next:
 its combination with routing by children (tree-node-children-stgrad4, in the plan); the three-epoch pair, to see whether the gap to the wide
 MLP shrinks with tokens; and tree shapes whose tokens share fewer units at the same 32 active (every token of a 4x7
 layer uses the same 4 root units and half of them the same 4 units below).
