@@ -53,7 +53,7 @@ from .data import Batches, check_vocab, load_meta, load_tokens, resolve_data
 from .device import resolve_device
 from .layers.tree import TreeFFN, TreeLayer
 from .ops.activations import activation_fn
-from .ops.tree import best_path_targets, best_paths
+from .ops.tree import best_paths, better_child, subtree_best
 from .outputs import check_output_dir, write_json_atomic
 from .stats import level_utilisation, tree_summary
 
@@ -143,9 +143,8 @@ def choice_quality(layer: TreeFFN, x: torch.Tensor, paths: torch.Tensor,
     sums = score(paths)
     if generator is not None:
         sums += score(random_walks(M, K, L - 1, generator))
-    if L > 1:
-        best = best_path_targets(x, layer.w_in, layer.b_in, layer.w_out, L - 1, layer.activation,
-                                 paths.to(x.device), layer.placement)
+    if L > 1:  # the same contributions c, summed per node, give each node's best path below it
+        best = better_child(subtree_best(c.view(M, K, N, W).sum(-1).float(), L - 1), paths.to(x.device), L - 1)
         went = paths[:, :, 1:].to(x.device) == 2 * paths[:, :, :-1].to(x.device) + 2
         sums.append((went == best).double().mean((1, 2)).sum())
     else:

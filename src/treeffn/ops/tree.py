@@ -198,11 +198,23 @@ def best_path_values(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | N
     if b_in is not None:
         lam = lam + b_in.detach().float()
     mag = activation_fn(activation)(lam).abs_() if placement == "node" else lam.abs_()
-    v = mag.mul_(w_out.detach().float().norm(dim=-1)).sum(-1)  # (M, K, N)
+    return subtree_best(mag.mul_(w_out.detach().float().norm(dim=-1)).sum(-1), depth)
+
+
+@torch.no_grad()
+def subtree_best(value: torch.Tensor, depth: int) -> torch.Tensor:
+    """value (M, K, N) of every node -> the best root-to-leaf path value below every node (a new tensor)."""
+    v = value.clone()
     for t in range(depth - 1, -1, -1):
-        j = torch.arange(2 ** t - 1, 2 ** (t + 1) - 1, device=x.device)
+        j = torch.arange(2 ** t - 1, 2 ** (t + 1) - 1, device=v.device)
         v[:, :, j] += torch.maximum(v[:, :, 2 * j + 1], v[:, :, 2 * j + 2])
     return v
+
+
+def better_child(v: torch.Tensor, paths: torch.Tensor, depth: int) -> torch.Tensor:
+    """(M, K, depth) bool: whether the right child of each visited routing node has the larger best-path value."""
+    p = paths[:, :, :depth]
+    return v.gather(2, 2 * p + 2) > v.gather(2, 2 * p + 1)
 
 
 @torch.no_grad()
@@ -210,9 +222,7 @@ def best_path_targets(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | 
                       depth: int, activation: str, paths: torch.Tensor, placement: str = "node") -> torch.Tensor:
     """(M, K, depth) bool: at each visited node that routes, whether the right child's subtree holds the better
     path (:func:`best_path_values`)."""
-    v = best_path_values(x, w_in, b_in, w_out, depth, activation, placement)
-    p = paths[:, :, :depth]
-    return v.gather(2, 2 * p + 2) > v.gather(2, 2 * p + 1)
+    return better_child(best_path_values(x, w_in, b_in, w_out, depth, activation, placement), paths, depth)
 
 
 @torch.no_grad()
