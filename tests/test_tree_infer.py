@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
 from treeffn.kernels import tree_infer as ti
 from treeffn.layers.tree import TreeFFN, num_nodes, tree_paths, tree_reference
@@ -424,10 +425,72 @@ def test_module_takes_the_general_path_when_the_fast_one_does_not_apply(ext, mon
     monkeypatch.setattr(ti, "_ext", None)  # no compiler: the PyTorch walk
     monkeypatch.setattr(ti, "_ext_tried", True)
     entered.clear()
+    layer = make_fast_layer((4, 40), 2, 3, 1, "node", True, True, torch.float32, seed=5)
     with torch.no_grad():
         y, _ = layer(x)
     assert entered
     torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_module_fast_path_follows_every_change_to_the_layer(ext, monkeypatch):
+    """The fast path's cached arguments never go stale: after hooks (the layer's own and global ones, added and
+    removed), a parameter replaced or loaded with assign, weights changed in place, a dtype conversion, a deep copy and
+    a pickle round trip, layer(x) equals the reference on the layer's current weights, and hooks run."""
+    import copy
+    import io
+
+    from torch.nn.modules.module import register_module_forward_hook
+
+    layer = make_fast_layer((3, 40), 2, 3, 1, "node", True, True, torch.float32, seed=11)
+    x = torch.randn(3, 40, generator=torch.Generator().manual_seed(2))
+
+    def check(module):
+        with torch.no_grad():
+            y, aux = module(x)
+            ref = tree_reference(x, module.w_in, module.b_in, module.w_out, 3, thr=module.route_threshold)
+        torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
+        return y, aux
+
+    before, _ = check(layer)
+    assert layer._infer is not None  # built by the first call
+    seen = []
+    handle = layer.register_forward_hook(lambda m, a, out: seen.append("post"))
+    pre = layer.register_forward_pre_hook(lambda m, a: (a[0] * 2.0,))
+    with torch.no_grad():
+        y, _ = layer(x)
+        doubled, _ = layer.forward(x * 2.0)
+    assert seen == ["post"] and torch.equal(y, doubled)
+    handle.remove(), pre.remove()
+    assert torch.equal(check(layer)[0], before) and seen == ["post"]
+    glob = register_module_forward_hook(lambda m, a, out: seen.append("global"))
+    try:
+        check(layer)
+    finally:
+        glob.remove()
+    assert seen == ["post", "global"]
+    layer.w_out = nn.Parameter(torch.randn_like(layer.w_out))  # a new parameter object
+    changed, _ = check(layer)
+    assert not torch.allclose(changed, before)
+    state = {k: torch.randn_like(v) if k != "route_batches" else v for k, v in layer.state_dict().items()}
+    layer.load_state_dict(state, assign=True)
+    check(layer)
+    with torch.no_grad():
+        layer.w_in.mul_(-1.0)  # in place: the same tensors, new values
+    check(layer)
+    twin = copy.deepcopy(layer)
+    with torch.no_grad():
+        twin.w_out.zero_()
+    assert torch.count_nonzero(check(twin)[0]) == 0 and torch.count_nonzero(check(layer)[0]) > 0
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    check(torch.load(buf, weights_only=False))  # the test's own object, not an untrusted file
+    layer.to(torch.bfloat16)
+    with torch.no_grad():
+        y, _ = layer(x.bfloat16())
+        direct, _ = ti.tree_infer(x.bfloat16(), layer.w_in, layer.b_in, layer.w_out, 3, "gelu", "node",
+                                  backend="cpp", thr=layer.route_threshold)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, direct)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -111,6 +111,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _nn_module
 
 from ..config import Config
 from ..errors import ConfigError
@@ -139,6 +140,9 @@ from .registry import FFNVariant, residual_std
 
 IMPLS = ("auto", "reference", "sparse", "fused")
 _FUSED_IMPLS = ("auto", "fused")  # the settings under which inference runs the fused kernel
+# nn.Module's global hook registries (dicts changed in place): any hook in them sends a call down the general path
+_GLOBAL_HOOKS = (_nn_module._global_forward_hooks, _nn_module._global_forward_pre_hooks,
+                 _nn_module._global_backward_hooks, _nn_module._global_backward_pre_hooks)
 INITS = ("residual", "ufb")
 MAX_PARAMS = 2**31  # per layer: beyond this a config is a typo, not a model
 
@@ -376,20 +380,66 @@ class TreeFFN(TreeLayer):
                 lam = lam + self.b_in[k_idx, paths].to(x.dtype)
         return y, paths, lam
 
+    # ---- inference fast path ---------------------------------------------------------------------------------
+    # In eval mode with autograd off and no hooks, a call is one call into the fused kernel, which takes x of any
+    # shape (..., D) and checks shapes, devices and dtypes itself. At batch 1 the kernel takes a few microseconds, and
+    # nn.Module.__call__ and the general forward below cost about as much again, most of it cache misses on this
+    # module's own Python objects (its attribute, parameter and four hook dicts) when other layers have evicted
+    # them. So the call's arguments are gathered once into one tuple (``_infer``), and ``__call__`` reads only that:
+    # every change that could make it stale (an attribute or parameter set or deleted, train()/eval(), .to(), a hook
+    # registered) drops it, and the next call builds it again.
+    _infer: tuple | None = None
+
+    def _infer_call(self) -> tuple | None:
+        """(kernel function, its arguments after x) for the fast path, or None where the module must take
+        nn.Module's path (training, statistics, another impl, hooks, a compiled call, no compiled extension)."""
+        if (self.training or self.track_stats or self.impl not in _FUSED_IMPLS
+                or self._compiled_call_impl is not None or self._forward_hooks or self._forward_pre_hooks
+                or self._backward_hooks or self._backward_pre_hooks):
+            return None
+        ext = extension()
+        if ext is None:
+            return None
+        p = self._parameters
+        return (ext.try_infer, p["w_in"], p.get("b_in"), p["w_out"], self.depth, ACT_CODE[self.activation],
+                PLACEMENT_CODE[self.placement], self._buffers["route_threshold"], ROUTE_CODE[self.route])
+
+    def __call__(self, *args, **kwargs):
+        f = self._infer
+        if f is None:  # dropped, or the module is not eligible (training, say): check again
+            f = self._infer_call()
+            if f is not None:
+                self.__dict__["_infer"] = f
+        if (f is not None and len(args) == 1 and not kwargs and not torch.is_grad_enabled()
+                and not (_GLOBAL_HOOKS[0] or _GLOBAL_HOOKS[1] or _GLOBAL_HOOKS[2] or _GLOBAL_HOOKS[3])
+                and not torch._C._get_tracing_state()):
+            y = f[0](args[0], *f[1:])  # None for tensors the kernel cannot run (a GPU, float16)
+            if y is not None:
+                return y, {}
+        return super().__call__(*args, **kwargs)
+
+    def _drop_infer(self) -> None:
+        self.__dict__.pop("_infer", None)
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        self._drop_infer()
+
+    def __delattr__(self, name: str) -> None:
+        super().__delattr__(name)
+        self._drop_infer()
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_infer", None)  # holds a function of the compiled extension, which does not pickle
+        return state
+
+    def _replicate_for_data_parallel(self):
+        replica = super()._replicate_for_data_parallel()
+        replica._drop_infer()
+        return replica
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        # Inference fast path (eval mode, autograd off, no statistics): one call into the fused kernel, which takes x
-        # of any shape (..., D) and checks shapes, devices and dtypes itself — at batch 1 the Python of the general
-        # path below costs more than the kernel. try_infer answers None for tensors it cannot run (a GPU, float16):
-        # the general path then picks another implementation.
-        if not (self.training or self.track_stats or torch.is_grad_enabled()) and self.impl in _FUSED_IMPLS:
-            ext = extension()
-            if ext is not None:
-                p = self._parameters  # 0.07 µs a read against 0.5 for getattr; no b_in in it without bias
-                y = ext.try_infer(x, p["w_in"], p.get("b_in"), p["w_out"], self.depth, ACT_CODE[self.activation],
-                                  PLACEMENT_CODE[self.placement], self._buffers["route_threshold"],
-                                  ROUTE_CODE[self.route])
-                if y is not None:
-                    return y, {}
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         batch_stats = self.training and self.route_threshold is not None and torch.is_grad_enabled()
@@ -435,6 +485,25 @@ class TreeFFN(TreeLayer):
                                                    paths, self.w_in, self.b_in, self.activation, scores=scores,
                                                    route=self.route, w_out=self.w_out, placement=self.placement)
         return y.reshape(shape), aux
+
+
+def _dropping_infer(name: str):
+    """nn.Module's method ``name``, first dropping the fast path's cached call (see TreeFFN.__call__)."""
+    base = getattr(nn.Module, name)
+
+    def method(self, *args, **kwargs):
+        self._drop_infer()
+        return base(self, *args, **kwargs)
+
+    method.__name__, method.__qualname__, method.__doc__ = name, f"TreeFFN.{name}", base.__doc__
+    return method
+
+
+# What changes parameters, buffers or hooks without an attribute assignment: .to()/.half() (_apply), direct
+# registration, and every kind of hook.
+for _name in ("_apply", "register_parameter", "register_buffer", "register_forward_hook", "register_forward_pre_hook",
+              "register_full_backward_hook", "register_full_backward_pre_hook", "register_backward_hook"):
+    setattr(TreeFFN, _name, _dropping_infer(_name))
 
 
 def _check(cfg: Config) -> None:
