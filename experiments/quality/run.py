@@ -33,8 +33,8 @@ curves, commit) in ``docs/quality/runs/<run>.json``; those summaries are committ
 report and skips finished runs without their checkpoints. ``--max-minutes`` stops launching new runs after that long. The report lists
 the runs that exist (a run still in progress is listed as such) and the commit each ran. Evaluation: the full
 validation split (464k tokens), routing statistics of tree layers on 256 validation windows (``treeffn analyze``).
-Decoding speed is measured only with ``--speed``, one model after another in this process, and never while a
-training run is going: a timing taken beside another job is not a figure.
+Decoding speed is measured only with ``--speed``, every finished run afresh, one model after another in this process,
+and never while a training run is going: a timing taken beside another job is not a figure.
 """
 
 from __future__ import annotations
@@ -192,19 +192,19 @@ def evaluated(run: Path, data: Path) -> dict:
 
 
 def measure_speed(run: Path) -> dict:
-    """Decoding tokens/s at batch 1 (prompt 32, 64 new tokens, best of 3), cached in speed.json."""
+    """Decoding tokens/s at batch 1 (prompt 32, 64 new tokens, best of 3), written to speed.json. Always measured
+    afresh: ``--speed`` times every finished run in one pass, so the figures of a report share one machine state and
+    one commit (both recorded)."""
+    import torch
+
     from treeffn import checkpoint as ckpt
     from treeffn.evaluate import decode_speed
 
-    cache = run / "speed.json"
-    stamp = (ckpt.resolve(run) / "model.safetensors").stat().st_mtime
-    if cache.is_file() and cache.stat().st_mtime > stamp:
-        return json.loads(cache.read_text())
-    import torch
-
     model = ckpt.load_model(run)
     rec = {"decode_tok_per_s": decode_speed(model, prompt_len=32, new_tokens=64, repeats=3),
-           "threads": torch.get_num_threads(), "loadavg_1min": os.getloadavg()[0]}
+           "threads": torch.get_num_threads(), "loadavg_1min": os.getloadavg()[0], "commit": code_commit(),
+           "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    cache = run / "speed.json"
     cache.write_text(json.dumps(rec, indent=2))
     return rec
 
@@ -487,7 +487,13 @@ def write_report(rows: list[dict], docs: Path, figs: list[Path], command: str,
                      f"{ffn_flops(name):,.0f} | {vl} | {bpb} | {dead} | {leaf} | {ent} | {tok} | "
                      f"{fmt_mean(dec, 1) if dec else '–'} |")
     lines += ["", "Training tokens/s is the median of the logged windows and was taken while other work shared the "
-              "machine; it is not a speed figure (docs/benchmarks.md has those).", ""]
+              "machine; it is not a speed figure (docs/benchmarks.md has those)."]
+    passes = sorted({(r["speed"].get("measured", "before the pass was recorded"), r["speed"].get("commit", "?")[:12])
+                     for r in rows if "speed" in r})
+    if passes:
+        lines.append("Decoding tokens/s: " + "; ".join(f"measured {when} with `{commit}`" for when, commit in passes)
+                     + " (`--speed` times every finished run in one pass, with nothing else running).")
+    lines.append("")
     rel = [os.path.relpath(f, docs.parent) for f in figs]
     for f in rel:
         lines += [f"![{Path(f).stem}]({f})", ""]
