@@ -309,6 +309,31 @@ def test_least_squares_recovers_outputs_for_fixed_routing():
         assert C.rel_error(C.tree_predict(student, x), y) < 1e-3
 
 
+@pytest.mark.parametrize("W,bias", [(1, True), (3, False)])
+def test_dense_and_sparse_fitting_algebra_agree(W, bias):
+    """The GEMM forms of a tree's responses, least-squares outputs and output sum (small trees) against the
+    gathering, scattering and sparse forms (large trees): the same paths, λ, v and outputs."""
+    from treeffn import convert as C
+    from treeffn.layers.tree import TreeFFN
+
+    torch.manual_seed(1)
+    tree = TreeFFN(20, 1, 4, node_width=W, bias=bias, impl="reference")
+    x = torch.randn(3000, 20)
+    r = torch.randn(3000, 20)
+    b = tree.b_in[0] if bias else None
+    p_dense, lam_dense = C._tree_features(x, tree.w_in[0].detach(), b, 4, dense=True)
+    p_sparse, lam_sparse = C._tree_features(x, tree.w_in[0].detach(), b, 4, dense=False)
+    assert torch.equal(p_dense, p_sparse)  # no response of these inputs lies within rounding of 0
+    torch.testing.assert_close(lam_dense, lam_sparse, rtol=1e-5, atol=1e-5)
+    N = tree.num_nodes
+    v_dense = C._solve_tree_out(p_dense, lam_dense, r, W, N, "gelu", 1e-3, dense=True)
+    v_sparse = C._solve_tree_out(p_dense, lam_dense, r, W, N, "gelu", 1e-3, dense=False)
+    assert v_dense.shape == (N, W, 20)
+    torch.testing.assert_close(v_dense, v_sparse, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(C._tree_out(p_dense, lam_dense, v_dense, "gelu", dense=True),
+                               C._tree_out(p_dense, lam_dense, v_dense, "gelu", dense=False), rtol=1e-5, atol=1e-5)
+
+
 def test_split_initialisation_uses_every_path():
     from treeffn import convert as C
     from treeffn.layers.tree import TreeFFN, tree_paths, visit_counts

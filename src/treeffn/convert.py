@@ -77,6 +77,9 @@ INIT_METHODS = ("pls", "pca", "random")
 STREAMS = ("student", "teacher")
 _MAX_LS_UNITS = 4095  # per-tree unknowns above which the closed-form v (dense Gram matrix) is skipped
 _MIN_NODE_TOKENS = 8  # below this a node gets a random split direction
+# per-tree units up to which responses and the least-squares design are computed densely (GEMMs over every unit;
+# the gathers and scatters of the sparse forms cost more below this)
+_DENSE_UNITS = 1024
 
 
 # ---- corpus ---------------------------------------------------------------------------------------------------
@@ -163,15 +166,30 @@ def tree_predict(tree, x: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _tree_features(x: torch.Tensor, w_in_k: torch.Tensor, b_in_k, depth: int):
-    """One tree's visited nodes (M, L) and responses λ (M, L, W) under its current weights."""
+def _tree_features(x: torch.Tensor, w_in_k: torch.Tensor, b_in_k, depth: int, dense: bool | None = None):
+    """One tree's visited nodes (M, L) and responses λ (M, L, W) under its current weights.
+
+    ``dense`` (default: when the tree has at most _DENSE_UNITS units) computes every unit's response with one GEMM
+    and picks the visited ones; otherwise each level gathers the visited nodes' rows, (M, W, D) floats a level."""
     M = x.shape[0]
+    N, W, D = w_in_k.shape
+    if dense is None:
+        dense = N * W <= _DENSE_UNITS
+    every = None
+    if dense:
+        every = (x @ w_in_k.reshape(N * W, D).t()).view(M, N, W)
+        if b_in_k is not None:
+            every = every + b_in_k
+    rows = torch.arange(M)
     node = torch.zeros(M, dtype=torch.long)
     paths, lams = [], []
     for t in range(depth + 1):
-        lam = torch.einsum("mwd,md->mw", w_in_k[node], x)
-        if b_in_k is not None:
-            lam = lam + b_in_k[node]
+        if every is not None:
+            lam = every[rows, node]
+        else:
+            lam = torch.einsum("mwd,md->mw", w_in_k[node], x)
+            if b_in_k is not None:
+                lam = lam + b_in_k[node]
         paths.append(node)
         lams.append(lam)
         node = 2 * node + 1 + (lam.sum(-1) > 0).long()
@@ -274,24 +292,38 @@ def _design(paths: torch.Tensor, a: torch.Tensor, N: int) -> torch.Tensor:
                                        size=(M, N * W))
 
 
+def _design_dense(paths: torch.Tensor, a: torch.Tensor, N: int) -> torch.Tensor:
+    """Φ of :func:`_design` as a dense (M, N·W) matrix, for trees of at most _DENSE_UNITS units."""
+    M, L, W = a.shape
+    cols = (paths[:, :, None] * W + torch.arange(W)).reshape(M, L * W)
+    return a.new_zeros(M, N * W).scatter_(1, cols, a.reshape(M, L * W))
+
+
 @torch.no_grad()
-def _solve_tree_out(paths, lam, r: torch.Tensor, W: int, N: int, activation: str, ridge: float) -> torch.Tensor:
+def _solve_tree_out(paths, lam, r: torch.Tensor, W: int, N: int, activation: str, ridge: float,
+                    dense: bool | None = None) -> torch.Tensor:
     """Ridge least-squares v (N, W, D) of one tree on residual r, its routing and λ fixed (placement node).
 
-    The design matrix Φ has L·W non-zeros per token: ΦᵀΦ is accumulated from per-token outer products (fp64,
-    small), Φᵀr by a sparse product; neither touches the N·W − L·W units a token does not visit.
+    The design matrix Φ has L·W non-zeros per token. A tree of at most _DENSE_UNITS units (``dense``) forms Φ as a
+    dense matrix and takes ΦᵀΦ (fp64) and Φᵀr as GEMMs; a larger one accumulates ΦᵀΦ (fp64) from per-token outer
+    products and Φᵀr by a sparse product, never touching the N·W − L·W units a token does not visit.
     """
     a = activation_fn(activation)(lam)  # (M, L, W)
     M, L, _ = a.shape
     P = N * W
-    idx = (paths[:, :, None] * W + torch.arange(W)).reshape(M, L * W)
-    af = a.reshape(M, L * W).double()
-    G = torch.zeros(P * P, dtype=torch.float64)
-    G.index_add_(0, (idx[:, :, None] * P + idx[:, None, :]).reshape(-1), (af[:, :, None] * af[:, None, :]).reshape(-1))
-    G = G.view(P, P)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        B = _design(paths, a, N).t() @ r  # (P, D)
+    if dense if dense is not None else P <= _DENSE_UNITS:
+        phi = _design_dense(paths, a, N)
+        G, B = phi.double().t() @ phi.double(), phi.t() @ r
+    else:
+        idx = (paths[:, :, None] * W + torch.arange(W)).reshape(M, L * W)
+        af = a.reshape(M, L * W).double()
+        G = torch.zeros(P * P, dtype=torch.float64)
+        G.index_add_(0, (idx[:, :, None] * P + idx[:, None, :]).reshape(-1),
+                     (af[:, :, None] * af[:, None, :]).reshape(-1))
+        G = G.view(P, P)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            B = _design(paths, a, N).t() @ r  # (P, D)
     alpha = ridge * float(G.diagonal().mean().clamp_min(1e-12)) + 1e-9
     G.diagonal().add_(alpha)
     v = torch.linalg.solve(G, B.double())
@@ -299,12 +331,15 @@ def _solve_tree_out(paths, lam, r: torch.Tensor, W: int, N: int, activation: str
 
 
 @torch.no_grad()
-def _tree_out(paths, lam, v: torch.Tensor, activation: str) -> torch.Tensor:
-    """Σ_t Σ_w φ(λ) v for one tree: (M, D), as Φ @ v."""
+def _tree_out(paths, lam, v: torch.Tensor, activation: str, dense: bool | None = None) -> torch.Tensor:
+    """Σ_t Σ_w φ(λ) v for one tree: (M, D), as Φ @ v (Φ dense for at most _DENSE_UNITS units, or ``dense``)."""
     N, W, D = v.shape
+    a = activation_fn(activation)(lam)
+    if dense if dense is not None else N * W <= _DENSE_UNITS:
+        return _design_dense(paths, a, N) @ v.reshape(N * W, D)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return _design(paths, activation_fn(activation)(lam), N) @ v.reshape(N * W, D)
+        return _design(paths, a, N) @ v.reshape(N * W, D)
 
 
 @torch.no_grad()
