@@ -84,6 +84,25 @@ def test_cached_equals_uncached(kind, gqa):
                                msg="KV-cache decoding differs from the full forward")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rotary_matches_the_pairwise_rotation(dtype):
+    """Rotary's table form (one lookup, x·cos + swap(x)·sin) against the rotation written out on the two halves,
+    θ_i = p / base^(2i/C), computed in float64."""
+    from treeffn.model import Rotary
+
+    C, base = 16, 10000.0
+    rot = Rotary(C, base, 64)
+    x = torch.randn(2, 3, 5, C, generator=torch.Generator().manual_seed(0)).to(dtype)
+    pos = torch.tensor([[0, 1, 2, 30, 63], [7, 7, 8, 9, 40]])
+    ang = pos.double()[:, None, :, None] / base ** (torch.arange(0, C, 2, dtype=torch.float64) / C)
+    x1, x2 = x.double().chunk(2, dim=-1)
+    want = torch.cat([x1 * ang.cos() - x2 * ang.sin(), x2 * ang.cos() + x1 * ang.sin()], -1)
+    got = rot(x, pos)
+    assert got.dtype == dtype and got.shape == x.shape
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(got.double(), want, **tol)
+
+
 def test_generate_greedy_matches_argmax_rollout():
     torch.manual_seed(2)
     m = build_model("debug", {"ffn.kind": "tree", "model.norm": "rmsnorm", "model.tie_embeddings": False}).eval()

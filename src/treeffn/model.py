@@ -61,8 +61,13 @@ class LayerCache:
         setattr(self, name, t)
         self.n = t.shape[dim]
 
-    def append(self, k, v, pos, valid):
-        self.all_valid = self.all_valid and bool(valid.all())
+    def append(self, k, v, pos, valid=None):
+        """Add t entries (k, v (B, G, t, C), pos (B, t), valid (B, t) or None for all valid); returns the views
+        k, v, pos, valid of everything cached."""
+        if valid is None:
+            valid = torch.ones(pos.shape, dtype=torch.bool, device=pos.device) if self._k is None else None
+        elif self.all_valid:
+            self.all_valid = bool(valid.all())
         t = k.shape[2]
         if self._k is None:
             self._k, self._v, self._pos, self._valid = k, v, pos, valid
@@ -78,7 +83,10 @@ class LayerCache:
         self._k.narrow(2, n, t).copy_(k)
         self._v.narrow(2, n, t).copy_(v)
         self._pos.narrow(1, n, t).copy_(pos)
-        self._valid.narrow(1, n, t).copy_(valid)
+        if valid is None:
+            self._valid.narrow(1, n, t).fill_(True)
+        else:
+            self._valid.narrow(1, n, t).copy_(valid)
         self.n = n + t
         return self.k, self.v, self.pos, self.valid
 
@@ -111,13 +119,18 @@ def make_norm(cfg: Config) -> nn.Module:
 
 
 class Rotary(nn.Module):
-    """Rotary embeddings with a precomputed cos/sin table for positions < seq_len (looked up, not recomputed)."""
+    """Rotary embeddings with precomputed tables for positions < seq_len (looked up, not recomputed).
+
+    With x = [x1 | x2] (halves of the head), rotation by angles θ is [x1·cos − x2·sin | x2·cos + x1·sin] =
+    x·[cos | cos] + swap(x)·[−sin | sin], swap exchanging the halves: ``table`` holds [cos | cos | −sin | sin] per
+    position, so a rotation is one lookup shared by q and k (:meth:`angles`) and three ops per tensor (:meth:`rotate`).
+    """
 
     def __init__(self, head_dim: int, base: float, max_pos: int):
         super().__init__()
         self.head_dim, self.base, self.max_pos = head_dim, base, max_pos
         self.register_buffer("inv_freq", torch.empty(head_dim // 2), persistent=False)
-        self.register_buffer("table", torch.empty(max_pos, head_dim), persistent=False)  # [cos | sin]
+        self.register_buffer("table", torch.empty(max_pos, 2 * head_dim), persistent=False)
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
@@ -125,16 +138,24 @@ class Rotary(nn.Module):
         C = self.head_dim
         inv = 1.0 / (self.base ** (torch.arange(0, C, 2, dtype=torch.float32, device=dev) / C))
         ang = torch.arange(self.max_pos, dtype=torch.float32, device=dev)[:, None] * inv  # (P, C/2)
+        cos, sin = ang.cos(), ang.sin()
         self.inv_freq = inv
-        self.table = torch.cat([ang.cos(), ang.sin()], -1)
+        self.table = torch.cat([cos, cos, -sin, sin], -1)
+
+    def angles(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pos (B, T) -> ([cos | cos], [−sin | sin]), each (B, 1, T, C) fp32."""
+        return self.table[pos][:, None].chunk(2, dim=-1)
+
+    def rotate(self, x: torch.Tensor, angles: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x (B, H, T, C) rotated by :meth:`angles` (computed in fp32, returned in x's dtype)."""
+        cos, sin = angles
+        xf = x if x.dtype == torch.float32 else x.float()
+        out = torch.addcmul(xf * cos, xf.roll(self.head_dim // 2, dims=-1), sin)
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """x (B, H, T, C), pos (B, T) -> x rotated by its absolute positions."""
-        cs = self.table[pos][:, None]  # (B, 1, T, C)
-        cos, sin = cs.chunk(2, dim=-1)
-        x1, x2 = x.float().chunk(2, dim=-1)
-        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-        return out.to(x.dtype)
+        return self.rotate(x, self.angles(pos))
 
 
 class Attention(nn.Module):
@@ -160,10 +181,9 @@ class Attention(nn.Module):
         q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, C)
         k = self.k(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, G, T, C)
         v = self.v(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = self.rotary(q, pos), self.rotary(k, pos)
+        ang = self.rotary.angles(pos)
+        q, k = self.rotary.rotate(q, ang), self.rotary.rotate(k, ang)
         padded = valid is not None and not bool(valid.all())
-        if valid is None:
-            valid = torch.ones(B, T, dtype=torch.bool, device=x.device)
         drop = self.dropout if self.training else 0.0
         gqa = self.n_kv != self.n_head
         if cache is None and standard:
@@ -173,6 +193,8 @@ class Attention(nn.Module):
             k, v, _, _ = cache.append(k, v, pos, valid)
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, enable_gqa=gqa)
         else:
+            if valid is None:
+                valid = torch.ones(B, T, dtype=torch.bool, device=x.device)
             kpos, kvalid = pos, valid
             if cache is not None:
                 k, v, kpos, kvalid = cache.append(k, v, pos, valid)
