@@ -578,18 +578,45 @@ def autoprune_contrast(rows: list[dict]) -> list[str]:
     return out
 
 
-def val_gap(rows: list[dict], a: str, b: str) -> list[tuple[int, float]]:
-    """(tokens, mean val loss of a / mean val loss of b − 1) at every evaluation point both one-epoch runs logged,
-    over the seeds both have finished."""
+def val_gap(rows: list[dict], a: str, b: str, steps: int = EPOCH) -> list[tuple[int, float]]:
+    """(tokens, mean val loss of a / mean val loss of b − 1) at every evaluation point both runs of ``steps`` steps
+    logged, over the seeds both have finished."""
     curves = {}
     for r in rows:
-        if r["steps"] == EPOCH and r["name"] in (a, b) and "eval" in r:
+        if r["steps"] == steps and r["name"] in (a, b) and "eval" in r:
             curves.setdefault(r["seed"], {})[r["name"]] = dict((int(t), v) for t, v in r["curves"]["val"])
     seeds = [c for c in curves.values() if a in c and b in c]
     if not seeds:
         return []
     points = sorted(set.intersection(*(set(c[a]) & set(c[b]) for c in seeds)))
     return [(t, _mean([c[a][t] for c in seeds]) / _mean([c[b][t] for c in seeds]) - 1) for t in points]
+
+
+def longer_pair(rows: list[dict], a: str, b: str, epochs: int = 3) -> list[str]:
+    """The longer pair (``epochs`` epochs, seed 0, its own cosine schedule): whether a's gap to b shrinks or grows
+    with tokens, against the same pair at one epoch."""
+    steps = epochs * EPOCH
+    runs = {r["name"]: r for r in rows if r["steps"] == steps and r["seed"] == 0 and r["name"] in (a, b)}
+    if not runs:
+        return []
+    head = f"**{epochs} epochs** ({steps:,} steps, {steps * 16 * 256 / 1e6:.1f}M tokens, seed 0): "
+    if not all(n in runs and "eval" in runs[n] for n in (a, b)):
+        state = ", ".join(f"{n} " + ("finished" if "eval" in runs[n] else f"at step {runs[n]['done']}") if n in runs
+                          else f"{n} not started" for n in (a, b))
+        return ["", head + f"in progress ({state})."]
+    va, vb = runs[a]["eval"]["val_loss"], runs[b]["eval"]["val_loss"]
+    one = {n: [r["eval"]["val_loss"] for r in rows if r["steps"] == EPOCH and r["seed"] == 0 and r["name"] == n
+               and "eval" in r] for n in (a, b)}
+    line = head + f"{a} {va:.4f} vs {b} {vb:.4f}, {va / vb - 1:+.2%}"
+    if one[a] and one[b]:
+        line += (f", against {one[a][0] / one[b][0] - 1:+.2%} for the same seed at one epoch "
+                 f"({a} {one[a][0]:.4f} → {va:.4f}, {b} {one[b][0]:.4f} → {vb:.4f})")
+    gaps = val_gap(rows, a, b, steps)
+    out = ["", line + "."]
+    if gaps:
+        out += ["", f"{a} against {b} over the {epochs} epochs (validation loss at each evaluation): "
+                + ", ".join(f"{t / 1e6:.1f}M tokens {g:+.1%}" for t, g in gaps)]
+    return out
 
 
 def reading(rows: list[dict]) -> list[str]:
@@ -646,6 +673,7 @@ def reading(rows: list[dict]) -> list[str]:
     if gaps:
         out += ["", "tree-node against dense-1020 over the epoch (validation loss at each evaluation, mean over the seeds "
                 "both have): " + ", ".join(f"{t / 1e6:.1f}M tokens {g:+.1%}" for t, g in gaps)]
+    out += longer_pair(rows, "tree-node", "dense-1020")
     if "dense-32" in fin and "dense-1020" in fin:
         narrow, wide = _mean(fin["dense-32"]), _mean(fin["dense-1020"])
         out += ["", "Share of the gain from 32 to 1,020 dense units that a model with 32 active units recovers, "
