@@ -103,6 +103,23 @@ def test_rotary_matches_the_pairwise_rotation(dtype):
     torch.testing.assert_close(got.double(), want, **tol)
 
 
+@pytest.mark.parametrize("kind", ["dense", "tree"])
+def test_select_computes_the_logits_of_the_chosen_positions(kind):
+    """forward(select=(rows, cols)) gives exactly the full forward's logits at those positions, (S, V); with a
+    loss it is refused."""
+    torch.manual_seed(0)
+    model = build_model("debug", {"ffn.kind": kind}).eval()
+    idx = torch.randint(0, model.cfg.model.vocab_size, (3, 9))
+    rows, cols = torch.tensor([0, 0, 2, 1]), torch.tensor([8, 3, 0, 5])
+    with torch.no_grad():
+        full = model(idx).logits
+        some = model(idx, select=(rows, cols)).logits
+    assert some.shape == (4, model.cfg.model.vocab_size)
+    torch.testing.assert_close(some, full[rows, cols], rtol=1e-5, atol=1e-5)
+    with pytest.raises(TreeffnError, match="select"):
+        model(idx, targets=idx, select=(rows, cols))
+
+
 def test_generate_greedy_matches_argmax_rollout():
     torch.manual_seed(2)
     m = build_model("debug", {"ffn.kind": "tree", "model.norm": "rmsnorm", "model.tie_embeddings": False}).eval()

@@ -27,7 +27,7 @@ from .mod import RoutedBlock
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (B, T, V)
+    logits: torch.Tensor  # (B, T, V); (S, V) for the S positions of ``GPT.forward(select=...)``
     loss: torch.Tensor | None = None  # lm_loss + aux_loss when targets are given
     lm_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None  # sum of every layer's weighted auxiliary losses
@@ -324,15 +324,20 @@ class GPT(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------------------------
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
-                pos: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> ModelOutput:
+                pos: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+                select: tuple[torch.Tensor, torch.Tensor] | None = None) -> ModelOutput:
         """idx (B, T) token ids -> :class:`ModelOutput` with logits (B, T, V).
 
         Positions default to ``cache.seen + arange(T)`` for every row. Batches of prompts of different lengths pass
         per-row positions ``pos`` (B, T) and a padding mask ``valid`` (B, T, True = real token): padding rows attend
-        only to themselves and are never attended to.
+        only to themselves and are never attended to. ``select`` = (rows, columns), two index tensors of S entries:
+        the output layer runs on those positions only and logits are (S, V) — what scoring a continuation or
+        starting a generation needs, at a fraction of the output layer's cost when the vocabulary is large.
         """
         if idx.dim() != 2:
             raise TreeffnError(f"token ids must have shape (batch, time); got {tuple(idx.shape)}")
+        if select is not None and targets is not None:
+            raise TreeffnError("select= computes logits at some positions only; the loss needs every position")
         B, T = idx.shape
         V, ctx = self.cfg.model.vocab_size, self.cfg.model.seq_len
         start = cache.seen if cache is not None else 0
@@ -358,6 +363,8 @@ class GPT(nn.Module):
             stats.append({k: v for k, v in aux.items() if k != "loss"})
         if cache is not None:
             cache.seen += T
+        if select is not None:
+            x = x[select]
         logits = self.lm_head(self.norm_f(x))
         out = ModelOutput(logits=logits, aux_loss=aux_loss, stats=stats)
         if targets is not None:
@@ -391,7 +398,7 @@ class GPT(nn.Module):
         self.eval()
         try:
             cache = KVCache(len(self.blocks))
-            logits = self(idx, cache=cache).logits[:, -1]
+            logits = self(idx, cache=cache, select=last_positions(idx)).logits
             out = [idx]
             done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
             for step in range(max_new_tokens):
@@ -406,6 +413,12 @@ class GPT(nn.Module):
             return torch.cat(out, 1)
         finally:
             self.train(was_training)
+
+
+def last_positions(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``GPT.forward``'s ``select`` for the last position of every row of idx (B, T): logits (B, V)."""
+    rows = torch.arange(idx.shape[0], device=idx.device)
+    return rows, torch.full_like(rows, idx.shape[1] - 1)
 
 
 def check_sampling(temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from .model import KVCache, sample_next
+from .model import KVCache, last_positions, sample_next
 
 DEFAULT_BATCH = 16  # windows (or prompts) per forward pass
 
@@ -54,10 +54,17 @@ def score_sequences(model, seqs: list[tuple[list[int], int]], max_len: int, batc
         idx = torch.zeros(len(batch), T, dtype=torch.long)
         for r, (_, inp, _) in enumerate(batch):
             idx[r, : len(inp)] = torch.tensor(inp, dtype=torch.long)
-        logits = model(idx.to(device)).logits
+        # logits only where a target is predicted: the output layer is a large share of the work with a large
+        # vocabulary and short continuations
+        rows = torch.tensor([r for r, (_, inp, tgt) in enumerate(batch) for _ in tgt], dtype=torch.long)
+        cols = torch.tensor([c for _, inp, tgt in batch for c in range(len(inp) - len(tgt), len(inp))],
+                            dtype=torch.long)
+        logits = model(idx.to(device), select=(rows.to(device), cols.to(device))).logits  # (S, V)
+        at = 0
         for r, (i, inp, tgt) in enumerate(batch):
-            n, k = len(inp), len(tgt)
-            logp = torch.log_softmax(logits[r, n - k: n].float(), dim=-1)
+            k = len(tgt)
+            logp = torch.log_softmax(logits[at: at + k].float(), dim=-1)
+            at += k
             target = torch.tensor(tgt, dtype=torch.long, device=logp.device)
             total[i] += float(logp.gather(1, target[:, None]).sum())
             greedy[i] = greedy[i] and bool((logp.argmax(-1) == target).all())
@@ -88,7 +95,7 @@ def generate_batch(model, prompts: list[list[int]], max_new: list[int], stop=Non
     idx, pos, valid = _left_padded(prompts, device)
     lengths = valid.sum(1)
     cache = KVCache(len(model.blocks))
-    logits = model(idx, cache=cache, pos=pos, valid=valid).logits[:, -1]
+    logits = model(idx, cache=cache, pos=pos, valid=valid, select=last_positions(idx)).logits
     out: list[list[int]] = [[] for _ in range(B)]
     done = [m <= 0 for m in max_new]
     ones = torch.ones(B, 1, dtype=torch.bool, device=idx.device)
