@@ -397,10 +397,12 @@ class TreeFFN(TreeLayer):
                 or self._compiled_call_impl is not None or self._forward_hooks or self._forward_pre_hooks
                 or self._backward_hooks or self._backward_pre_hooks):
             return None
+        p = self._parameters
+        if p["w_in"].device.type != "cpu":  # the kernel is CPU-only: a GPU layer always takes the general path
+            return None
         ext = extension()
         if ext is None:
             return None
-        p = self._parameters
         return (ext.try_infer, p["w_in"], p.get("b_in"), p["w_out"], self.depth, ACT_CODE[self.activation],
                 PLACEMENT_CODE[self.placement], self._buffers["route_threshold"], ROUTE_CODE[self.route])
 
