@@ -33,8 +33,8 @@ curves, commit) in ``docs/quality/runs/<run>.json``; those summaries are committ
 report and skips finished runs without their checkpoints. ``--max-minutes`` stops launching new runs after that long. The report lists
 the runs that exist (a run still in progress is listed as such) and the commit each ran. Evaluation: the full
 validation split (464k tokens), routing statistics of tree layers on 256 validation windows (``treeffn analyze``).
-Decoding speed is measured only with ``--speed``, every finished run afresh, one model after another in this process,
-and never while a training run is going: a timing taken beside another job is not a figure.
+Decoding speed is measured only with ``--speed``, every finished run afresh in interleaved rounds in this process, and
+never while a training run is going: a timing taken beside another job is not a figure.
 """
 
 from __future__ import annotations
@@ -191,22 +191,29 @@ def evaluated(run: Path, data: Path) -> dict:
     return res
 
 
-def measure_speed(run: Path) -> dict:
-    """Decoding tokens/s at batch 1 (prompt 32, 64 new tokens, best of 3), written to speed.json. Always measured
-    afresh: ``--speed`` times every finished run in one pass, so the figures of a report share one machine state and
-    one commit (both recorded)."""
+SPEED_ROUNDS = 5
+
+
+def measure_speeds(runs: list[Path]) -> None:
+    """Decoding tokens/s at batch 1 (prompt 32, 64 new tokens) of every run, written to its speed.json with when and
+    with which commit. Timings of a tiny model's decoding move by tens of percent within minutes on a shared machine,
+    so every model is timed in SPEED_ROUNDS interleaved rounds (a best of 3 each) and the median round is kept: drift
+    during the pass falls on every model alike."""
     import torch
 
     from treeffn import checkpoint as ckpt
     from treeffn.evaluate import decode_speed
 
-    model = ckpt.load_model(run)
-    rec = {"decode_tok_per_s": decode_speed(model, prompt_len=32, new_tokens=64, repeats=3),
-           "threads": torch.get_num_threads(), "loadavg_1min": os.getloadavg()[0], "commit": code_commit(),
-           "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    cache = run / "speed.json"
-    cache.write_text(json.dumps(rec, indent=2))
-    return rec
+    models = {run: ckpt.load_model(run) for run in runs}
+    rounds: dict[Path, list[float]] = {run: [] for run in runs}
+    for _ in range(SPEED_ROUNDS):
+        for run, model in models.items():
+            rounds[run].append(decode_speed(model, prompt_len=32, new_tokens=64, repeats=3))
+    stamp = {"threads": torch.get_num_threads(), "loadavg_1min": os.getloadavg()[0], "commit": code_commit(),
+             "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    for run, speeds in rounds.items():
+        rec = {"decode_tok_per_s": statistics.median(speeds), "rounds": speeds, **stamp}
+        (run / "speed.json").write_text(json.dumps(rec, indent=2))
 
 
 CHOICE_WINDOWS = 32
@@ -293,6 +300,9 @@ def collect(out: Path, data: Path, plan: list[tuple[str, int, int]], speed: bool
             choice: bool = False) -> list[dict]:
     """Rows for the report: live run folders first, else the committed summaries of finished runs."""
     rows = []
+    if speed:
+        measure_speeds([run_dir(out, *p) for p in plan if (run_dir(out, *p) / "metrics.jsonl").is_file()
+                        and steps_done(run_dir(out, *p)) == p[2]])
     for name, seed, steps in plan:
         run = run_dir(out, name, seed, steps)
         summary = summary_path(docs, name, seed, steps)
@@ -306,9 +316,7 @@ def collect(out: Path, data: Path, plan: list[tuple[str, int, int]], speed: bool
                "curves": training_curves(run)}
         if done == steps:
             row["eval"] = evaluated(run, data)
-            if speed:
-                row["speed"] = measure_speed(run)
-            elif (run / "speed.json").is_file():
+            if (run / "speed.json").is_file():
                 row["speed"] = json.loads((run / "speed.json").read_text())
             elif summary.is_file() and "speed" in json.loads(summary.read_text()):
                 row["speed"] = json.loads(summary.read_text())["speed"]
@@ -492,7 +500,8 @@ def write_report(rows: list[dict], docs: Path, figs: list[Path], command: str,
                      for r in rows if "speed" in r})
     if passes:
         lines.append("Decoding tokens/s: " + "; ".join(f"measured {when} with `{commit}`" for when, commit in passes)
-                     + " (`--speed` times every finished run in one pass, with nothing else running).")
+                     + f" (`--speed` times every finished run in one pass of {SPEED_ROUNDS} interleaved rounds and "
+                       "keeps the median round, with nothing else running).")
     lines.append("")
     rel = [os.path.relpath(f, docs.parent) for f in figs]
     for f in rel:
