@@ -108,6 +108,11 @@ def test_round_trip(exported):
         loss = hf(ids, labels=ids, use_cache=False).loss
         ref = torch.nn.functional.cross_entropy(want[0, :-1], ids[0, 1:])
         torch.testing.assert_close(loss, ref)
+        # logits_to_keep (what generate passes): the output layer on the last positions only, the same values
+        torch.testing.assert_close(hf(ids, use_cache=False, logits_to_keep=2).logits, want[:, -2:])
+        torch.testing.assert_close(hf(**enc, logits_to_keep=1).logits, want[:, -1:])
+        keep = torch.tensor([0, ids.shape[1] - 1])
+        torch.testing.assert_close(hf(ids, use_cache=False, logits_to_keep=keep).logits, want[:, keep])
 
     greedy = gpt.generate(ids, 8)
     assert torch.equal(hf.generate(**enc, max_new_tokens=8, do_sample=False), greedy)

@@ -144,7 +144,7 @@ class TreeffnForCausalLM(TreeffnPreTrainedModel, GenerationMixin):
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 past_key_values=None, use_cache: bool | None = None, labels: torch.LongTensor | None = None,
                 position_ids: torch.LongTensor | None = None, inputs_embeds=None, return_dict: bool | None = None,
-                logits_to_keep: int = 0, **kwargs):
+                logits_to_keep: int | torch.Tensor = 0, **kwargs):
         """input_ids (B, T) -> CausalLMOutputWithPast(logits (B, T, V), loss, past_key_values).
 
         ``attention_mask`` (B, past + T) marks real tokens (0 = padding); ``labels`` follow HF (shifted inside,
@@ -162,16 +162,27 @@ class TreeffnForCausalLM(TreeffnPreTrainedModel, GenerationMixin):
             cache.padded = cache.padded or padded
             padded = cache.padded
         kv = cache.kv if cache is not None else None
+        B, T = input_ids.shape
+        select, keep = None, 0
+        if labels is None and isinstance(logits_to_keep, int) and 0 < logits_to_keep < T:
+            # only the last positions' logits are wanted (generation): the output layer runs on those alone
+            keep = logits_to_keep
+            rows = torch.arange(B, device=input_ids.device).repeat_interleave(keep)
+            select = (rows, torch.arange(T - keep, T, device=input_ids.device).repeat(B))
         if not padded and position_ids is None:
             # nothing masked: treeffn's own forward (its flash path when there is no cache)
-            logits = self.model(input_ids, cache=kv).logits
+            logits = self.model(input_ids, cache=kv, select=select).logits
         else:
             pos, valid = _padding(attention_mask, position_ids, past, input_ids, self.config.max_position_embeddings)
-            logits = self.model(input_ids, cache=kv, pos=pos, valid=valid).logits
+            logits = self.model(input_ids, cache=kv, pos=pos, valid=valid, select=select).logits
+        if keep:
+            logits = logits.view(B, keep, -1)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                    labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
-        if logits_to_keep:
+        if not keep and isinstance(logits_to_keep, int) and logits_to_keep > 0:
             logits = logits[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):  # HF's other form: the sequence indices to keep
+            logits = logits[:, logits_to_keep]
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=cache if use_cache else None)
