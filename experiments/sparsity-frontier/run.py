@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -109,6 +110,11 @@ def sh(args: list[str], log: Path | None = None) -> None:
 
 def exists(folder: Path) -> bool:
     return (folder / "config.json").exists() or (folder / "checkpoint.json").exists()
+
+
+def mean_stderr(scores: dict[str, float], limit: int) -> float:
+    """Standard error of the mean of per-task accuracies, each a proportion over ``limit`` examples."""
+    return math.sqrt(sum(p * (1 - p) / limit for p in scores.values())) / len(scores)
 
 
 class Study:
@@ -297,7 +303,7 @@ class Study:
         ]
         if plot:
             text.append(f"![frontier](sparsity-frontier/{plot.name})\n")
-        text.append(self.reading(got))
+        text.append(self.reading(got, self.args.limit))
         if missing:
             text.append("## Not run yet\n\n" + "\n".join(f"- `{n}`" for n in missing) + "\n")
         doc.write_text("\n".join(text))
@@ -305,7 +311,8 @@ class Study:
         print(f"wrote {doc}")
 
     @staticmethod
-    def reading(got: dict[str, dict]) -> str:
+    def reading(got: dict[str, dict], limit: int) -> str:
+        dense_loss = f"{got['dense']['eval']['val_loss']:.3f}" if "dense" in got else "–"
         out = ["## Against the target\n",
                "The goal for the tree conversion: at or above the best training-free method's mean accuracy at 25 % "
                "and 10 % active.\n"]
@@ -317,8 +324,13 @@ class Study:
             best = max(rivals, key=lambda m: rivals[m]["mean"])
             diff = tree["mean"] - rivals[best]["mean"]
             verdict = "at or above" if diff >= 0 else "below"
+            se = math.hypot(mean_stderr(tree["scores"], limit), mean_stderr(rivals[best]["scores"], limit))
+            low = min(rivals, key=lambda m: rivals[m]["eval"]["val_loss"])
             out.append(f"- {pct(f)} %: tree {tree['mean']:.3f} vs best training-free ({best.upper()}) "
-                       f"{rivals[best]['mean']:.3f}: {verdict} it by {abs(diff):.3f}")
+                       f"{rivals[best]['mean']:.3f}: {verdict} it by {abs(diff):.3f}, {abs(diff) / se:.1f} standard "
+                       f"errors of the difference of two five-task means at {limit} examples per task. Validation "
+                       f"loss: tree {tree['eval']['val_loss']:.3f}, lowest training-free ({low.upper()}) "
+                       f"{rivals[low]['eval']['val_loss']:.3f}, dense {dense_loss}.")
         return "\n".join(out) + "\n"
 
     @staticmethod
