@@ -301,8 +301,8 @@ def collect(out: Path, data: Path, plan: list[tuple[str, int, int]], speed: bool
     """Rows for the report: live run folders first, else the committed summaries of finished runs."""
     rows = []
     if speed:
-        measure_speeds([run_dir(out, *p) for p in plan if (run_dir(out, *p) / "metrics.jsonl").is_file()
-                        and steps_done(run_dir(out, *p)) == p[2]])
+        runs = [(run_dir(out, name, seed, steps), steps) for name, seed, steps in plan]
+        measure_speeds([run for run, steps in runs if (run / "metrics.jsonl").is_file() and steps_done(run) == steps])
     for name, seed, steps in plan:
         run = run_dir(out, name, seed, steps)
         summary = summary_path(docs, name, seed, steps)

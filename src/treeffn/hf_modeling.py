@@ -13,7 +13,7 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import Config
-from .model import GPT, KVCache
+from .model import GPT, KVCache, last_positions
 
 MODEL_TYPE = "treeffn"
 
@@ -167,8 +167,7 @@ class TreeffnForCausalLM(TreeffnPreTrainedModel, GenerationMixin):
         if labels is None and isinstance(logits_to_keep, int) and 0 < logits_to_keep < T:
             # only the last positions' logits are wanted (generation): the output layer runs on those alone
             keep = logits_to_keep
-            rows = torch.arange(B, device=input_ids.device).repeat_interleave(keep)
-            select = (rows, torch.arange(T - keep, T, device=input_ids.device).repeat(B))
+            select = last_positions(input_ids, keep)
         if not padded and position_ids is None:
             # nothing masked: treeffn's own forward (its flash path when there is no cache)
             logits = self.model(input_ids, cache=kv, select=select).logits

@@ -415,10 +415,12 @@ class GPT(nn.Module):
             self.train(was_training)
 
 
-def last_positions(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``GPT.forward``'s ``select`` for the last position of every row of idx (B, T): logits (B, V)."""
-    rows = torch.arange(idx.shape[0], device=idx.device)
-    return rows, torch.full_like(rows, idx.shape[1] - 1)
+def last_positions(idx: torch.Tensor, n: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``GPT.forward``'s ``select`` for the last ``n`` positions of every row of idx (B, T): logits (B·n, V), row
+    by row."""
+    B, T = idx.shape
+    rows = torch.arange(B, device=idx.device).repeat_interleave(n)
+    return rows, torch.arange(T - n, T, device=idx.device).repeat(B)
 
 
 def check_sampling(temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None) -> None:
