@@ -331,7 +331,25 @@ class Study:
                        f"errors of the difference of two five-task means at {limit} examples per task. Validation "
                        f"loss: tree {tree['eval']['val_loss']:.3f}, lowest training-free ({low.upper()}) "
                        f"{rivals[low]['eval']['val_loss']:.3f}, dense {dense_loss}.")
+        speed = ["", "Decoding at batch 1 (tokens/s, the table's column; dense "
+                 + Study.tok_s(got.get("dense")) + "):", ""]
+        for f in FRACTIONS:
+            names = [n for n in [f"{m}-{pct(f)}" for m in METHODS] + [f"tree-{pct(f)}"] if n in got]
+            if any(Study.tok_s(got[n]) != "–" for n in names):
+                speed.append(f"- {pct(f)} %: " + ", ".join(f"{n} {Study.tok_s(got[n])}" for n in names))
+        if len(speed) > 3:
+            out += speed
+        if not any(r["kind"] == "tree-ft" for r in got.values()):
+            out += ["", "No fine-tuned tree is in this report: `--ft-steps N` adds a `tree-F-ft` row per fraction "
+                    "(N steps of full fine-tuning of the converted 135M-parameter model on 8 × 256 tokens of the "
+                    "default corpus); none was run for it."]
         return "\n".join(out) + "\n"
+
+    @staticmethod
+    def tok_s(row: dict | None) -> str:
+        """A row's measured decoding tokens/s, or – when it was not measured."""
+        v = row["eval"].get("decode_tok_per_s", float("nan")) if row else float("nan")
+        return "–" if v != v else f"{v:.1f}"
 
     @staticmethod
     def plot(got: dict[str, dict], path: Path) -> Path | None:
