@@ -52,6 +52,8 @@ def test_sparsity_frontier_study_on_a_tiny_llama(tmp_path):
                                                                   "wina-10_speed.json"]
     row = next(ln for ln in doc.read_text().splitlines() if ln.startswith("| TEAL 10 % |"))
     assert row.split("|")[-2].strip().endswith("x")  # decoding speed relative to the dense import
+    timed = doc.read_text()
+    assert "Decoding at batch 1" in timed and "- 10 %: teal-10 " in timed and "No fine-tuned tree" in timed
     before = (tmp_path / "runs" / "sparsity-frontier" / "commits.json").read_text()
     assert frontier.main(args + ["--speed"]) == 0  # everything reused: nothing remade or re-timed
     assert (tmp_path / "runs" / "sparsity-frontier" / "commits.json").read_text() == before
@@ -88,3 +90,28 @@ def test_quality_report_pieces():
     assert "**Routing by children.**" in text and "reaches 4.5500 against 4.5850" in text
     assert "(measured below)" in text  # the top-k paragraph points at the measurement, not at a plan
     assert quality.choice_table([row("dense-32", 0, 4.64)]) == []
+
+
+def test_quality_report_scale_and_open_paragraphs_follow_the_runs():
+    quality = _load(ROOT / "experiments" / "quality" / "run.py")
+    E = quality.EPOCH
+
+    def row(name, loss, steps=E, curve=()):
+        return {"name": name, "seed": 0, "steps": steps, "eval": {"val_loss": loss}, "curves": {"val": list(curve)}}
+
+    base = [row("dense-32", 4.64), row("dense-1020", 4.40, curve=[(1e6, 5.0), (4e6, 4.4)]),
+            row("tree-node", 4.58, curve=[(1e6, 5.1), (4e6, 4.58)]), row("moe-top1", 4.62)]
+    text = "\n".join(quality.scale_findings(base))
+    assert "recovers 25%" in text and "+4.09% from the 1,020-unit MLP" in text and "is not met" in text
+    assert "8% (moe-top1" in text and "less than the tree" in text
+    assert "went from +2.0% to +4.1%" in text and "three epochs" not in text
+    assert "the three-epoch pair" in "\n".join(quality.open_questions(base))
+    # a top-2 MoE that beats the tree is said to, and the finished three-epoch pair replaces the plan with its result
+    more = base + [row("moe-top2", 4.50), row("tree-node", 4.30, 3 * E), row("dense-1020", 4.10, 3 * E)]
+    assert quality.longer_gap(more) == pytest.approx((4.30 / 4.10 - 1, 4.58 / 4.40 - 1))
+    text = "\n".join(quality.scale_findings(more))
+    assert "moe-top2 more than the tree and the other less" in text
+    assert "over three epochs with their own schedule it is +4.88% against +4.09%" in text and "widen it" in text
+    opened = "\n".join(quality.open_questions(more))
+    assert "the three-epoch pair" not in opened and "wider models" in opened
+    assert quality.scale_findings([row("tree-node", 4.5)]) == []  # nothing to compare against yet
