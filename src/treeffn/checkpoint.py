@@ -34,6 +34,7 @@ from tokenizers import Tokenizer
 from .config import Config
 from .data import TextCodec
 from .errors import CheckpointError, ConfigError, OutputError, TreeffnError
+from .memory import use_huge_pages
 from .model import GPT
 from .outputs import OUTPUT_KINDS, POINTER, fsync_dir, install_dir, output_kind, write_json_atomic
 
@@ -168,8 +169,13 @@ def load_state_into(model: torch.nn.Module, state: dict[str, torch.Tensor], wher
     model.load_state_dict(state, strict=False)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """Load a trained model from a run directory or checkpoint folder; returned in eval mode."""
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+               huge_pages: bool = True):
+    """Load a trained model from a run directory or checkpoint folder; returned in eval mode.
+
+    On CPU its large weights are placed on transparent huge pages where the system offers them
+    (:func:`treeffn.memory.use_huge_pages`; ``huge_pages=False`` keeps ordinary pages): a tree layer's scattered row
+    reads then miss the TLB far less often."""
     folder = resolve(path)
     cfg = load_config(folder)
     with torch.device("meta"):
@@ -183,6 +189,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
             mod.reset_buffers()
     if dtype is not None:
         model = model.to(dtype)
+    if huge_pages:
+        use_huge_pages(model)  # CPU tensors only; a no-op where huge pages are unavailable
     model.checkpoint_dir = folder
     return model.eval()
 

@@ -36,6 +36,7 @@ import torch
 
 from ..config import get_config, parse_overrides
 from ..layers import dense_twin
+from ..memory import huge_pages_available, use_huge_pages
 from ..model import GPT, KVCache
 from .common import env_line, environment, measure, print_json, print_table, row
 
@@ -143,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds before timing (default 1)")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds, the median is reported (default 3)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--huge-pages", choices=("on", "off"), default="on",
+                   help="both models' weights on transparent huge pages, as treeffn.load_model places them (Linux "
+                        "with THP enabled; elsewhere off)")
     p.add_argument("--no-shares", dest="shares", action="store_false",
                    help="skip the breakdown of decoding time by component")
     args = p.parse_args(argv)
@@ -152,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     dense, tree = make_twins(args.preset, overrides)
     if args.dtype == "bf16":
         dense, tree = dense.to(torch.bfloat16), tree.to(torch.bfloat16)
+    huge = args.huge_pages == "on" and huge_pages_available()
+    if huge:
+        use_huge_pages(dense), use_huge_pages(tree)
     f_dense, f_tree = dense.flops_per_token(args.prompt + args.new), tree.flops_per_token(args.prompt + args.new)
     ideal = f_dense["total"] / f_tree["total"]
     batches = [int(x) for x in args.batches.split(",") if x]
@@ -159,8 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"preset": args.preset, "overrides": overrides, "tree": tree.cfg.describe(),
                 "dense": dense.cfg.describe(), "batches": batches, "prompt": args.prompt, "new": args.new,
                 "dtype": args.dtype, "sampling": "greedy", "baseline": "dense", "warmup": args.warmup,
-                "repeats": args.repeats, "interleaved": True}
-    print(f"{tree.cfg.describe()}  vs  dense twin ({dense.cfg.ffn.hidden} units); {args.dtype}; {env_line(env)}")
+                "repeats": args.repeats, "interleaved": True, "huge_pages": huge}
+    print(f"{tree.cfg.describe()}  vs  dense twin ({dense.cfg.ffn.hidden} units); {args.dtype}; huge pages "
+          f"{'on' if huge else 'off'}; {env_line(env)}")
     rows, results, notes = [], [], []
     for b in batches:
         fns = {f"{name}/{phase}": fn for name, m in (("dense", dense), ("tree", tree))

@@ -40,6 +40,10 @@ Cache states (``--cache``, the ``cache`` of each row):
   the kernel's code, the input — but not this copy's weights. Rotating through copies alone does not evict the
   tree: a call reads a few of a copy's rows, so the rows near each root stay cached whatever the number of copies.
 
+Weights (``--huge-pages``): on transparent huge pages by default, every layer's and baseline's alike, as
+``treeffn.load_model`` places a model's (:mod:`treeffn.memory`); a cold tree call then pays one memory round trip per
+row instead of a TLB miss as well. ``--huge-pages off`` keeps 4 KiB pages.
+
 Each measurement (``common.measure``): up to 3 warm-up calls (one if it takes over 0.1 s), then up to ``--repeats``
 timed calls (stopping early after ``--budget-s`` seconds, the untimed work of cold calls included, but never below
 3), reporting the median and the minimum in µs per call. ``ratio`` is dense-train time / that time in the same cache
@@ -69,6 +73,7 @@ import torch
 from torch import nn
 
 from ..kernels.tree_infer import extension, tree_infer
+from ..memory import huge_pages_available, use_huge_pages
 from ..ops.tree import ROUTES
 from .common import (
     dense_mlp,
@@ -151,14 +156,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--route", choices=ROUTES, default="self",
                    help="the tree's routing rule (tree.route): self (UFB-23), or children (both children's responses "
                         "compared, their input rows read)")
+    p.add_argument("--huge-pages", choices=("on", "off"), default="on",
+                   help="every layer's weights (the baselines' too) on transparent huge pages, as treeffn.load_model "
+                        "places a model's (Linux with THP enabled; elsewhere off)")
     p.add_argument("--seed", type=int, default=0, help="random seed for weights and inputs")
     return p
 
 
 def build_layer(name: str, d_model: int, trees: int, depth: int, dtype=torch.float32,
-                route: str = "self") -> nn.Module:
+                route: str = "self", huge_pages: bool = False) -> nn.Module:
     """One shipped layer of the configuration, in eval mode: ``"tree"`` (whose weights the tree kernels run on, with
-    routing rule ``route``) or a baseline of :data:`BASELINES`."""
+    routing rule ``route``) or a baseline of :data:`BASELINES`; ``huge_pages``: its weights moved onto huge pages
+    as ``treeffn.load_model`` does (:mod:`treeffn.memory`)."""
     L, N = depth + 1, 2 ** (depth + 1) - 1
     if name == "tree":
         layer = tree_ffn(d_model, trees, depth, route=route)
@@ -168,7 +177,10 @@ def build_layer(name: str, d_model: int, trees: int, depth: int, dtype=torch.flo
         layer = dense_mlp(d_model, trees * L)
     else:
         layer = moe(d_model, MOE_EXPERTS, MOE_TOP_K, trees * L)
-    return layer.to(dtype).eval()
+    layer = layer.to(dtype).eval()
+    if huge_pages:
+        use_huge_pages(layer)
+    return layer
 
 
 def build_layers(d_model: int, trees: int, depth: int, impls: list[str], dtype=torch.float32) -> dict[str, nn.Module]:
@@ -235,9 +247,10 @@ def _kernel_call(tree: nn.Module, impl: str) -> Callable:
 
 
 def targets(d_model: int, trees: int, depth: int, impls: list[str], paths: list[str], dtype, fff, n_copies,
-            module_impl: str, route: str = "self") -> list[tuple[str, str, list[Callable]]]:
+            module_impl: str, route: str = "self", huge_pages: bool = False) -> list[tuple[str, str, list[Callable]]]:
     """(impl, path, one call per copy) for everything timed on one configuration; ``n_copies(first layer)`` says
-    how many copies of each layer to build."""
+    how many copies of each layer to build; ``huge_pages`` puts every layer's weights (baselines' too) on huge
+    pages."""
 
     def copies(make):
         first = make()
@@ -247,17 +260,23 @@ def targets(d_model: int, trees: int, depth: int, impls: list[str], paths: list[
     tree_rows = [(impl, path) for impl in KERNEL_BACKENDS if impl in impls for path in paths
                  if path == "kernel" or impl == module_impl]
     if tree_rows:
-        tree_copies = copies(lambda: build_layer("tree", d_model, trees, depth, dtype, route))
+        tree_copies = copies(lambda: build_layer("tree", d_model, trees, depth, dtype, route, huge_pages))
         for impl, path in tree_rows:
             calls = tree_copies if path == "module" else [_kernel_call(t, impl) for t in tree_copies]
             out.append((impl, path, calls))
     for name in BASELINES:
         if name in impls:
-            out.append((name, "module", copies(lambda name=name: build_layer(name, d_model, trees, depth, dtype))))
+            out.append((name, "module", copies(lambda name=name: build_layer(name, d_model, trees, depth, dtype,
+                                                                             huge_pages=huge_pages))))
     if fff is not None and "fff" in impls and trees == 1 and depth >= 1:
         # fp32 only: it allocates its output as float
-        out.append(("fff", "module", [lambda x, f=f: f(x.float())
-                                      for f in copies(lambda: fff(d_model, 1, d_model, depth).eval())]))
+        def make_fff():
+            f = fff(d_model, 1, d_model, depth).eval()
+            if huge_pages:
+                use_huge_pages(f)
+            return f
+
+        out.append(("fff", "module", [lambda x, f=f: f(x.float()) for f in copies(make_fff)]))
     return out
 
 
@@ -291,6 +310,11 @@ def main(argv: list[str] | None = None) -> int:
     evict = Evict(EVICT_LLC * llc) if cold else None
     module_impl = "tree-cpp" if extension() is not None else "tree-torch"  # what TreeFFN's inference runs
 
+    huge = args.huge_pages == "on" and huge_pages_available()
+    if args.huge_pages == "on" and not huge:
+        notes.append("huge pages unavailable here (transparent huge pages disabled or not Linux): weights on 4 KiB "
+                     "pages")
+
     def n_copies(layer):
         return cold_copies(layer_bytes(layer), llc, args.cold_copies) if cold else 1
 
@@ -302,9 +326,10 @@ def main(argv: list[str] | None = None) -> int:
                 "fastfeedforward": _fff_version(), "input_pool": POOL, "llc_bytes": llc,
                 "eviction_bytes": EVICT_LLC * llc if cold else 0, "cold_copies": args.cold_copies,
                 "max_cold_copies": MAX_COPIES, "warmup": WARMUP, "warmup_cutoff_s": WARMUP_CUTOFF_S,
-                "repeats": args.repeats, "min_repeats": MIN_REPEATS, "budget_s": args.budget_s, "seed": args.seed}
-    print(f"treeffn bench layer: D={D} dtype={args.dtype} tree.route={args.route}; {env_line(env)}; "
-          f"fastfeedforward={settings['fastfeedforward']}")
+                "repeats": args.repeats, "min_repeats": MIN_REPEATS, "budget_s": args.budget_s, "seed": args.seed,
+                "huge_pages": huge}
+    print(f"treeffn bench layer: D={D} dtype={args.dtype} tree.route={args.route} huge pages "
+          f"{'on' if huge else 'off'}; {env_line(env)}; fastfeedforward={settings['fastfeedforward']}")
     if cold:
         print(f"cold: before every call, read {EVICT_LLC * llc / 2**20:.0f} MiB ({EVICT_LLC}x the last-level cache), "
               "then make the same call on another copy of the layer (code, interpreter and input back in cache)")
@@ -321,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         L = depth + 1
         N = 2 ** L - 1
         ideal = N / L
-        timed = targets(D, K, depth, impls, args.paths, dtype, FFF, n_copies, module_impl, args.route)
+        timed = targets(D, K, depth, impls, args.paths, dtype, FFF, n_copies, module_impl, args.route, huge)
         for M in args.batches:
             inputs = [torch.randn(M, D, generator=gen).to(dtype) for _ in range(POOL)]
             for cache in args.cache:

@@ -35,6 +35,7 @@ from torch import nn
 
 from ..kernels.sparse_mlp import extension
 from ..layers.sparse_mlp import GATHER_MAX_TOKENS, METHODS, MLPS
+from ..memory import huge_pages_available, use_huge_pages
 from .common import env_line, environment, parse_choices, parse_ints, print_json, row, shipped_ffn, torch_threads
 from .layer import DEFAULT_LLC_MB, EVICT_LLC, Evict, cold_copies, layer_bytes, time_calls
 
@@ -79,23 +80,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: keep the current setting)")
     p.add_argument("--llc-mb", type=float, default=0.0,
                    help=f"last-level cache size in MiB (0: what the machine says, else {DEFAULT_LLC_MB})")
+    p.add_argument("--huge-pages", choices=("on", "off"), default="on",
+                   help="every layer's weights (and the sparse kernels' tables) on transparent huge pages, as "
+                        "treeffn.load_model places a model's (Linux with THP enabled; elsewhere off)")
     p.add_argument("--seed", type=int, default=0, help="random seed for weights and inputs")
     return p
 
 
-def dense_layer(mlp: str, d_model: int, hidden: int) -> nn.Module:
+def dense_layer(mlp: str, d_model: int, hidden: int, huge_pages: bool = False) -> nn.Module:
     overrides = {"ffn.hidden": hidden} if mlp == "swiglu" else {"ffn.hidden": hidden, "ffn.activation": "gelu"}
-    return shipped_ffn(mlp, d_model, overrides).eval()
+    layer = shipped_ffn(mlp, d_model, overrides).eval()
+    if huge_pages:
+        use_huge_pages(layer)
+    return layer
 
 
-def sparse_layer(dense: nn.Module, mlp: str, method: str, active: float, calibration: torch.Tensor) -> nn.Module:
-    """The shipped sparse module with ``dense``'s weights, calibrated on ``calibration``."""
+def sparse_layer(dense: nn.Module, mlp: str, method: str, active: float, calibration: torch.Tensor,
+                 huge_pages: bool = False) -> nn.Module:
+    """The shipped sparse module with ``dense``'s weights, calibrated on ``calibration``; ``huge_pages``: its
+    weights, and so the kernel's tables, on huge pages."""
     layer = shipped_ffn("sparse", dense.d_model, {"ffn.hidden": dense.hidden, "sparsity.mlp": mlp,
                                                   "sparsity.method": method, "sparsity.active": active,
                                                   "ffn.activation": getattr(dense, "activation", "gelu")})
     layer.load_state_dict(dense.state_dict(), strict=False)
     layer.eval()
     layer.calibrate(calibration)
+    if huge_pages:
+        use_huge_pages(layer)
     return layer
 
 
@@ -121,17 +132,20 @@ def _run(args) -> int:
     cold = "cold" in args.cache
     evict = Evict(EVICT_LLC * llc) if cold else None
     torch.manual_seed(args.seed)
-    first = dense_layer(args.mlp, args.d_model, args.hidden)
+    huge = args.huge_pages == "on" and huge_pages_available()
+    first = dense_layer(args.mlp, args.d_model, args.hidden, huge)
     n = cold_copies(layer_bytes(first), llc) if cold else 1
-    denses = [first] + [dense_layer(args.mlp, args.d_model, args.hidden) for _ in range(n - 1)]
+    denses = [first] + [dense_layer(args.mlp, args.d_model, args.hidden, huge) for _ in range(n - 1)]
     gen = torch.Generator().manual_seed(args.seed)
     calibration = torch.randn(CALIBRATION_TOKENS, args.d_model, generator=gen)
     settings = {"mlp": args.mlp, "d_model": args.d_model, "hidden": args.hidden, "methods": args.methods,
                 "active": args.active, "batches": args.batches, "cache": args.cache, "paths": args.paths,
                 "gather_max_tokens": GATHER_MAX_TOKENS, "calibration_tokens": CALIBRATION_TOKENS,
                 "input": "standard normal", "llc_bytes": llc, "eviction_bytes": EVICT_LLC * llc if cold else 0,
-                "copies": n, "repeats": args.repeats, "budget_s": args.budget_s, "seed": args.seed}
-    print(f"treeffn bench sparse-mlp: {args.mlp} D={args.d_model} H={args.hidden} fp32; {env_line(env)}")
+                "copies": n, "repeats": args.repeats, "budget_s": args.budget_s, "seed": args.seed,
+                "huge_pages": huge}
+    print(f"treeffn bench sparse-mlp: {args.mlp} D={args.d_model} H={args.hidden} fp32; huge pages "
+          f"{'on' if huge else 'off'}; {env_line(env)}")
     print("µs per call: median and min; ratio = dense µs / row µs in the same cache state (median, min/min); "
           "read = fraction of the dense weights read per token; kept = hidden units kept on the timed inputs")
     header = (f"{'active':>6} {'batch':>5} {'cache':>5} {'impl':>6} {'path':>6} {'µs median':>10} {'µs min':>9} "
@@ -148,7 +162,7 @@ def _run(args) -> int:
                 _print_row(results, None, M, c, "dense", "module", base[c], base[c], 1.0, 1.0)
             for active in args.active:
                 for method in args.methods:
-                    layers = [sparse_layer(d, args.mlp, method, active, calibration) for d in denses]
+                    layers = [sparse_layer(d, args.mlp, method, active, calibration, huge) for d in denses]
                     kept = _kept(layers[0], inputs)
                     for path in args.paths:
                         calls = ([lambda x, s=s: s(x)[0] for s in layers] if path == "kernel"

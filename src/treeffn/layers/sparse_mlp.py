@@ -54,6 +54,7 @@ from torch import nn
 from ..config import Config
 from ..errors import ConfigError
 from ..kernels.sparse_mlp import sparse_gemv, tables
+from ..memory import huge_page_copy, on_huge_pages
 from .dense import DenseMLP, SwiGLU
 from .registry import INIT_STD, FFNVariant, residual_std
 
@@ -201,6 +202,8 @@ class SparsityMixin:
         cached = self.__dict__.get("_gemv_cache")
         if cached is None or cached[0] != key:
             w_in, w_out_t = tables(self.method, self._in_weights(), self._out_weight())
+            if on_huge_pages(self._out_weight()):  # the tables follow the weights' placement (treeffn.memory)
+                w_in, w_out_t = huge_page_copy(w_in), huge_page_copy(w_out_t)
             b_in, b_out = self._biases_or_none()
             value = {"w_in": w_in, "w_out_t": w_out_t,
                      "b_in": None if b_in is None else b_in.detach().float().contiguous(),
