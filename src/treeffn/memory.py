@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 HUGE_PAGE = 2 << 20
-MIN_BYTES = 1 << 20  # smaller tensors stay put: their rows share few pages, and a mapping rounds up to 2 MiB
+PAGE = mmap.PAGESIZE
+MIN_BYTES = HUGE_PAGE  # a smaller tensor holds no whole huge page: it stays put
 _THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 _available: bool | None = None
 
@@ -39,19 +40,20 @@ def huge_pages_available() -> bool:
 
 
 def _mapping(nbytes: int) -> torch.Tensor:
-    """A uint8 tensor of ``nbytes`` at the start of 2 MiB-aligned huge-page-advised anonymous memory."""
-    size = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
-    buf = _advised(size)
-    if buf.data_ptr() % HUGE_PAGE:  # recent kernels align large anonymous mappings; else over-allocate and offset
-        buf = _advised(size + HUGE_PAGE)
-    offset = -buf.data_ptr() % HUGE_PAGE
-    return buf[offset:offset + nbytes]
-
-
-def _advised(size: int) -> torch.Tensor:
+    """A uint8 tensor of ``nbytes`` starting on a 2 MiB boundary of an anonymous mapping: its whole 2 MiB ranges are
+    advised onto huge pages, its tail (under 2 MiB) onto ordinary pages, so that no huge page extends past the data.
+    The mapping is 2 MiB longer than the data to make room for the alignment; that slack is never touched, so it
+    costs address space, not memory."""
+    size = -(-nbytes // PAGE) * PAGE + HUGE_PAGE
     mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    mm.madvise(mmap.MADV_HUGEPAGE)
-    return torch.frombuffer(mm, dtype=torch.uint8)  # the tensor's storage keeps the mapping alive
+    buf = torch.frombuffer(mm, dtype=torch.uint8)  # the tensor's storage keeps the mapping alive
+    offset = -buf.data_ptr() % HUGE_PAGE
+    whole = nbytes // HUGE_PAGE * HUGE_PAGE
+    if whole:
+        mm.madvise(mmap.MADV_HUGEPAGE, offset, whole)
+    if offset + whole < size and hasattr(mmap, "MADV_NOHUGEPAGE"):  # where THP is "always": not the tail either
+        mm.madvise(mmap.MADV_NOHUGEPAGE, offset + whole, size - offset - whole)
+    return buf[offset:offset + nbytes]
 
 
 def huge_page_copy(t: torch.Tensor, min_bytes: int | None = None) -> torch.Tensor:
@@ -68,10 +70,12 @@ def huge_page_copy(t: torch.Tensor, min_bytes: int | None = None) -> torch.Tenso
 
 
 def on_huge_pages(t: torch.Tensor) -> bool:
-    """Whether ``t`` fills the start of a 2 MiB-aligned storage whose size is a multiple of 2 MiB — what
-    :func:`huge_page_copy` makes, and what ordinary allocations (a malloc header before the data) are not."""
+    """Whether ``t`` is the data of a mapping :func:`huge_page_copy` made (2 MiB-aligned, within 2 MiB of the start of
+    a storage of exactly the size :func:`_mapping` gives) — which ordinary allocations are not."""
     s = t.untyped_storage()
-    return t.data_ptr() == s.data_ptr() and s.data_ptr() % HUGE_PAGE == 0 and s.nbytes() % HUGE_PAGE == 0
+    nbytes = t.numel() * t.element_size()
+    return (t.data_ptr() % HUGE_PAGE == 0 and 0 <= t.data_ptr() - s.data_ptr() < HUGE_PAGE
+            and s.nbytes() == -(-nbytes // PAGE) * PAGE + HUGE_PAGE)
 
 
 @torch.no_grad()
