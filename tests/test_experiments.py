@@ -114,4 +114,7 @@ def test_quality_report_scale_and_open_paragraphs_follow_the_runs():
     assert "over three epochs with their own schedule it is +4.88% against +4.09%" in text and "widen it" in text
     opened = "\n".join(quality.open_questions(more))
     assert "the three-epoch pair" not in opened and "wider models" in opened
+    same = base + [row("tree-node", 4.2682, 3 * E), row("dense-1020", 4.10, 3 * E)]  # +4.10% vs +4.09%
+    assert "more tokens at this size leave it unchanged" in "\n".join(quality.scale_findings(same))
+    assert quality.gap_trend(0.030, 0.040) == "narrow it"
     assert quality.scale_findings([row("tree-node", 4.5)]) == []  # nothing to compare against yet

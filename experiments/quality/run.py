@@ -748,6 +748,17 @@ def longer_gap(rows: list[dict], a: str = "tree-node", b: str = "dense-1020",
     return losses[0] / losses[1] - 1, losses[2] / losses[3] - 1
 
 
+GAP_SAME = 0.005  # gaps within half a point of each other: "unchanged"
+
+
+def gap_trend(later: float, earlier: float) -> str:
+    """What more tokens did to a relative gap: "widen it", "narrow it" or "leave it unchanged" (within
+    :data:`GAP_SAME`)."""
+    if abs(later - earlier) <= GAP_SAME:
+        return "leave it unchanged"
+    return "widen it" if later > earlier else "narrow it"
+
+
 def scale_findings(rows: list[dict]) -> list[str]:
     """How much of the dense width 32 active units recover, for trees and MoE, and whether tokens close the gap."""
     fin = final_losses(rows)
@@ -782,9 +793,14 @@ def scale_findings(rows: list[dict]) -> list[str]:
         longer = longer_gap(rows)
         if longer:
             three, one = longer
+            trend = gap_trend(three, one)
             text += (f", and over three epochs with their own schedule it is {three:+.2%} against {one:+.2%} at one "
-                     f"epoch for the same seed: more tokens at this size {'widen' if three > one else 'narrow'} it")
-            if three > one:
+                     f"epoch for the same seed: more tokens at this size {trend}")
+            inside = val_gap(rows, "tree-node", "dense-1020", 3 * EPOCH)
+            if len(inside) > 1:
+                text += (f" (within the three-epoch run it went from {inside[0][1]:+.1%} at "
+                         f"{inside[0][0] / 1e6:.1f}M tokens to {inside[-1][1]:+.1%})")
+            if trend != "narrow it":
                 text += "; DS-26's parity is reported at far larger widths and budgets"
         text += "."
     return [text, ""]
@@ -806,9 +822,9 @@ def open_questions(rows: list[dict]) -> list[str]:
     longer = longer_gap(rows)
     if longer is None:
         nxt.append("the three-epoch pair, to see whether the gap to the wide MLP shrinks with tokens")
-    elif longer[0] > longer[1]:
-        nxt.append("since the gap widens with tokens at this width, wider models (more units per tree, the regime "
-                   "DS-26 reports) rather than longer training")
+    elif gap_trend(*longer) != "narrow it":
+        nxt.append(f"since more tokens {gap_trend(*longer).replace('it', 'the gap')} at this width, wider models (more units per tree, "
+                   "the regime DS-26 reports) rather than longer training")
     nxt.append("tree shapes whose tokens share fewer units at the same 32 active (every token of a 4x7 layer uses "
                "the same 4 root units and half of them the same 4 units below)")
     return [text + " " + "; ".join(nxt) + ".", ""]
