@@ -170,3 +170,17 @@ def test_missing_checkpoint_is_a_one_line_error(tmp_path):
 
     with pytest.raises(CheckpointError, match="does not exist"):
         thf.export_hf(tmp_path / "missing", tmp_path / "out")
+
+
+def test_export_of_a_model_on_huge_pages(tmp_path, tokenizer_json, monkeypatch):
+    """export-hf loads the checkpoint with load_model, which puts its weights on huge pages: save_pretrained writes
+    them (no shared storage refused) and the export's logits equal the checkpoint's."""
+    from treeffn import memory
+
+    monkeypatch.setattr(memory, "MIN_BYTES", 0)  # every tensor of the debug model, not only those of 2 MiB or more
+    torch.manual_seed(0)
+    ckpt = save_checkpoint_dir(tmp_path / "ckpt", build_model("debug", {"ffn.kind": "tree"}),
+                               extra_files={"tokenizer.json": tokenizer_json})
+    assert memory.on_huge_pages(load_model(ckpt).tok_emb.weight) == memory.huge_pages_available()
+    out = thf.export_hf(ckpt, tmp_path / "hf")
+    assert thf.check_export(ckpt, out) < 1e-4
