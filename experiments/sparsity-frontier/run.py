@@ -112,6 +112,11 @@ def exists(folder: Path) -> bool:
     return (folder / "config.json").exists() or (folder / "checkpoint.json").exists()
 
 
+# chance level of the five-task mean: 4-way ARC-Easy, ARC-Challenge and HellaSwag, 2-way PIQA, LAMBADA's exact
+# word 0: (0.25 + 0.25 + 0.25 + 0.5 + 0) / 5
+CHANCE = 0.25
+
+
 def mean_stderr(scores: dict[str, float], limit: int) -> float:
     """Standard error of the mean of per-task accuracies, each a proportion over ``limit`` examples."""
     return math.sqrt(sum(p * (1 - p) / limit for p in scores.values())) / len(scores)
@@ -331,6 +336,12 @@ class Study:
                        f"errors of the difference of two five-task means at {limit} examples per task. Validation "
                        f"loss: tree {tree['eval']['val_loss']:.3f}, lowest training-free ({low.upper()}) "
                        f"{rivals[low]['eval']['val_loss']:.3f}, dense {dense_loss}.")
+        near = [n for n, r in got.items() if n != "dense"
+                and abs(r["mean"] - CHANCE) <= 2 * mean_stderr(r["scores"], limit)]
+        if near:
+            out += ["", f"Within two standard errors of chance ({CHANCE:.2f}, the five-task mean of guessing): "
+                    + ", ".join(near) + f" — {len(near)} of {len(got) - ('dense' in got)} sparse rows; their "
+                    "accuracies do not rank the methods, their validation losses still do."]
         speed = ["", "Decoding at batch 1 (tokens/s, the table's column; dense "
                  + Study.tok_s(got.get("dense")) + "):", ""]
         for f in FRACTIONS:
