@@ -39,12 +39,17 @@ def huge_pages_available() -> bool:
     return _available
 
 
+def _mapping_size(nbytes: int) -> int:
+    """Bytes of the mapping that holds ``nbytes``: whole ordinary pages, plus 2 MiB of room for the alignment."""
+    return -(-nbytes // PAGE) * PAGE + HUGE_PAGE
+
+
 def _mapping(nbytes: int) -> torch.Tensor:
     """A uint8 tensor of ``nbytes`` starting on a 2 MiB boundary of an anonymous mapping: its whole 2 MiB ranges are
     advised onto huge pages, its tail (under 2 MiB) onto ordinary pages, so that no huge page extends past the data.
     The mapping is 2 MiB longer than the data to make room for the alignment; that slack is never touched, so it
     costs address space, not memory."""
-    size = -(-nbytes // PAGE) * PAGE + HUGE_PAGE
+    size = _mapping_size(nbytes)
     mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     buf = torch.frombuffer(mm, dtype=torch.uint8)  # the tensor's storage keeps the mapping alive
     offset = -buf.data_ptr() % HUGE_PAGE
@@ -75,7 +80,7 @@ def on_huge_pages(t: torch.Tensor) -> bool:
     s = t.untyped_storage()
     nbytes = t.numel() * t.element_size()
     return (t.data_ptr() % HUGE_PAGE == 0 and 0 <= t.data_ptr() - s.data_ptr() < HUGE_PAGE
-            and s.nbytes() == -(-nbytes // PAGE) * PAGE + HUGE_PAGE)
+            and s.nbytes() == _mapping_size(nbytes))
 
 
 @torch.no_grad()
