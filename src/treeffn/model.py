@@ -20,6 +20,7 @@ from torch import nn
 
 from .config import Config, get_config
 from .errors import DataError, TreeffnError
+from .kernels import decode_attention
 from .layers import build_ffn
 from .layers.registry import INIT_STD, residual_std
 from .mod import RoutedBlock
@@ -73,6 +74,14 @@ class LayerCache:
             self._k, self._v, self._pos, self._valid = k, v, pos, valid
             self.n = t
             return k, v, pos, valid
+        self.reserve(t)
+        self._k.narrow(2, self.n, t).copy_(k)
+        self._v.narrow(2, self.n, t).copy_(v)
+        self.commit(pos, valid)
+        return self.k, self.v, self.pos, self.valid
+
+    def reserve(self, t: int) -> None:
+        """Make room for t more entries after the first append (storage grows geometrically)."""
         n, cap = self.n, self._k.shape[2]
         if n + t > cap:
             new_cap = max(2 * cap, n + t, 64)
@@ -80,15 +89,17 @@ class LayerCache:
             self._v = self._grow(self._v, 2, new_cap)
             self._pos = self._grow(self._pos, 1, new_cap)
             self._valid = self._grow(self._valid, 1, new_cap)
-        self._k.narrow(2, n, t).copy_(k)
-        self._v.narrow(2, n, t).copy_(v)
+
+    def commit(self, pos, valid=None) -> None:
+        """Count t = pos.shape[1] entries whose keys and values are already written at slots n..n+t-1 of the
+        storage (after :meth:`reserve`), recording their positions and padding (None: all valid)."""
+        n, t = self.n, pos.shape[1]
         self._pos.narrow(1, n, t).copy_(pos)
         if valid is None:
             self._valid.narrow(1, n, t).fill_(True)
         else:
             self._valid.narrow(1, n, t).copy_(valid)
         self.n = n + t
-        return self.k, self.v, self.pos, self.valid
 
     def _grow(self, t, dim, cap):
         shape = list(t.shape)
@@ -178,6 +189,10 @@ class Attention(nn.Module):
         Otherwise a query at position p attends to valid keys at positions ≤ p (and always to itself).
         """
         B, T, _ = x.shape
+        if (T == 1 and cache is not None and cache._k is not None and cache.all_valid and valid is None
+                and decode_attention.usable(x, self.q.weight, cache._k, cache._v)):
+            # one decoding step in one C++ call (treeffn.kernels.decode_attention); the code below is its reference
+            return decode_attention.decode_step(x, self, pos, cache)
         q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, C)
         k = self.k(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, G, T, C)
         v = self.v(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
@@ -218,9 +233,10 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.model.dropout)
 
     def forward(self, x, pos, cache=None, valid=None, standard=False, residual=True) -> tuple[torch.Tensor, dict]:
-        h = x + self.drop(self.attn(self.norm1(x), pos, cache, valid, standard))
+        a = self.attn(self.norm1(x), pos, cache, valid, standard)
+        h = x + (self.drop(a) if self.training else a)  # eval: dropout is the identity, skip its call
         f, aux = self.ffn(self.norm2(h))
-        h = h + self.drop(f)
+        h = h + (self.drop(f) if self.training else f)
         return (h if residual else h - x), aux
 
 
@@ -345,9 +361,10 @@ class GPT(nn.Module):
         last = int(pos.max()) + 1 if pos is not None and pos.numel() else start + T
         if last > ctx:
             raise TreeffnError(f"sequence of {last} tokens exceeds the model's context of {ctx}")
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= V):
-            bad = int(idx.max()) if int(idx.max()) >= V else int(idx.min())
-            raise DataError(f"token id {bad} is out of range for vocabulary size {V}")
+        if idx.numel():
+            lo, hi = (int(v) for v in torch.aminmax(idx))
+            if lo < 0 or hi >= V:
+                raise DataError(f"token id {hi if hi >= V else lo} is out of range for vocabulary size {V}")
         standard = cache is None and valid is None and pos is None  # positions 0..T-1, nothing padded or cached
         if pos is None:
             pos = torch.arange(start, start + T, device=idx.device).expand(B, T)
@@ -437,7 +454,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """logits (B, V) -> next token ids (B,). Greedy at temperature 0; otherwise top-k, then nucleus top-p."""
     if temperature <= 0:
-        return logits.argmax(-1)
+        return logits.max(-1).indices  # argmax's first maximum; max is the faster reduction on CPU
     logits = logits.float() / temperature
     if top_k is not None and top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
