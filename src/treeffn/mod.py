@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels.small_linear import Linear
+
 
 def capacity_tokens(capacity: float, T: int) -> int:
     """Tokens a routed block processes in a sequence of T: ⌈capacity·T⌉, at least 1 and at most T."""
@@ -62,13 +64,13 @@ class RoutedBlock(nn.Module):
         self.aux_weight = cfg.mod.aux_weight
         self.scale_by_router = scale_by_router
         # A bias lets the aux rule learn the routed fraction directly (threshold at 0); zero-init, small weights.
-        self.router = nn.Linear(D, 1, bias=True)
+        self.router = Linear(D, 1, bias=True)
         nn.init.normal_(self.router.weight, 0.0, 0.02)
         nn.init.zeros_(self.router.bias)
         self.predictor = None
         if self.causal == "predictor":
             hidden = max(1, D // 8)
-            self.predictor = nn.Sequential(nn.Linear(D, hidden), nn.GELU(), nn.Linear(hidden, 1))
+            self.predictor = nn.Sequential(Linear(D, hidden), nn.GELU(), Linear(hidden, 1))
 
     @property
     def ffn(self) -> nn.Module:

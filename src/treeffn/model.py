@@ -21,6 +21,7 @@ from torch import nn
 from .config import Config, get_config
 from .errors import DataError, TreeffnError
 from .kernels import decode_attention
+from .kernels.small_linear import Linear
 from .layers import build_ffn
 from .layers.registry import INIT_STD, residual_std
 from .mod import RoutedBlock
@@ -174,10 +175,10 @@ class Attention(nn.Module):
         super().__init__()
         m = cfg.model
         self.n_head, self.n_kv, self.head_dim = m.n_head, m.kv_heads, m.head_dim
-        self.q = nn.Linear(m.d_model, m.n_head * m.head_dim, bias=m.bias)
-        self.k = nn.Linear(m.d_model, self.n_kv * m.head_dim, bias=m.bias)
-        self.v = nn.Linear(m.d_model, self.n_kv * m.head_dim, bias=m.bias)
-        self.o = nn.Linear(m.n_head * m.head_dim, m.d_model, bias=m.bias)
+        self.q = Linear(m.d_model, m.n_head * m.head_dim, bias=m.bias)
+        self.k = Linear(m.d_model, self.n_kv * m.head_dim, bias=m.bias)
+        self.v = Linear(m.d_model, self.n_kv * m.head_dim, bias=m.bias)
+        self.o = Linear(m.n_head * m.head_dim, m.d_model, bias=m.bias)
         self.rotary = Rotary(m.head_dim, m.rope_base, m.seq_len)
         self.dropout = m.dropout
 
@@ -256,7 +257,7 @@ class GPT(nn.Module):
             blocks.append(block)
         self.blocks = nn.ModuleList(blocks)
         self.norm_f = make_norm(cfg)
-        self.lm_head = nn.Linear(m.d_model, m.vocab_size, bias=False)
+        self.lm_head = Linear(m.d_model, m.vocab_size, bias=False)
         # Feed-forward variants initialise themselves (treeffn.layers.registry); everything else as GPT-2, with the
         # attention output projection into the residual stream scaled by 1/sqrt(2 n_layer).
         ffn_parts = {id(mod) for f in self.ffn_modules() for mod in f.modules()}

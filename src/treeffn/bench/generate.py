@@ -36,6 +36,7 @@ import torch
 
 from ..config import get_config, parse_overrides
 from ..layers import dense_twin
+from ..kernels.small_linear import SMALL_ROWS, use_small_gemm
 from ..memory import huge_pages_available, use_huge_pages
 from ..model import GPT, KVCache
 from .common import env_line, environment, measure, print_json, print_table, row
@@ -147,12 +148,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--huge-pages", choices=("on", "off"), default="on",
                    help="both models' weights on transparent huge pages, as treeffn.load_model places them (Linux "
                         "with THP enabled; elsewhere off)")
+    p.add_argument("--gemm", choices=("torch", "small"), default="torch",
+                   help="the GEMM of every linear layer of both models for up to %d token vectors (decoding): "
+                        "torch = F.linear (default), small = treeffn's prefetching small-batch kernel "
+                        "(treeffn.kernels.small_linear)" % SMALL_ROWS)
     p.add_argument("--no-shares", dest="shares", action="store_false",
                    help="skip the breakdown of decoding time by component")
     args = p.parse_args(argv)
     overrides = parse_overrides(args.overrides)
     if args.prompt + args.new > get_config(args.preset, overrides).model.seq_len:
         overrides["model.seq_len"] = args.prompt + args.new
+    before = use_small_gemm(args.gemm == "small")
+    try:
+        return _run(args, overrides)
+    finally:
+        use_small_gemm(before)
+
+
+def _run(args, overrides: dict) -> int:
     dense, tree = make_twins(args.preset, overrides)
     if args.dtype == "bf16":
         dense, tree = dense.to(torch.bfloat16), tree.to(torch.bfloat16)
@@ -166,9 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"preset": args.preset, "overrides": overrides, "tree": tree.cfg.describe(),
                 "dense": dense.cfg.describe(), "batches": batches, "prompt": args.prompt, "new": args.new,
                 "dtype": args.dtype, "sampling": "greedy", "baseline": "dense", "warmup": args.warmup,
-                "repeats": args.repeats, "interleaved": True, "huge_pages": huge}
+                "repeats": args.repeats, "interleaved": True, "huge_pages": huge, "gemm": args.gemm}
     print(f"{tree.cfg.describe()}  vs  dense twin ({dense.cfg.ffn.hidden} units); {args.dtype}; huge pages "
-          f"{'on' if huge else 'off'}; {env_line(env)}")
+          f"{'on' if huge else 'off'}; decoding GEMM {args.gemm}; {env_line(env)}")
     rows, results, notes = [], [], []
     for b in batches:
         fns = {f"{name}/{phase}": fn for name, m in (("dense", dense), ("tree", tree))

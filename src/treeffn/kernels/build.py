@@ -2,7 +2,7 @@
 
 Each kernel lives in ``kernels/csrc/<name>.cpp`` and is built with ``torch.utils.cpp_extension.load`` (ninja,
 ``-O3 -march=native -fopenmp``). The build directory is ``$TREEFFN_CACHE/kernels`` (default
-``~/.cache/treeffn/kernels``), keyed by the source hash, so the second process loads it in milliseconds.
+``~/.cache/treeffn/kernels``), keyed by the hash of the source and the shared headers of ``csrc``, so the second process loads it in milliseconds.
 When no compiler or ninja is available, :func:`load_extension` returns ``None`` once with a one-line warning and
 callers fall back to their PyTorch path. ``TREEFFN_NO_EXT=1`` disables compilation entirely.
 
@@ -72,7 +72,8 @@ def load_extension(name: str, verbose: bool = False):
             flags = ["-O3", "-fopenmp"]
             if os.environ.get("TREEFFN_PORTABLE_EXT", "") in ("", "0"):
                 flags.append("-march=native")
-            digest = hashlib.sha1(src.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
+            headers = b"".join(h.read_bytes() for h in sorted(_CSRC.glob("*.h")))  # what a source may include
+            digest = hashlib.sha1(src.read_bytes() + headers + " ".join(flags).encode()).hexdigest()[:12]
             build_dir = cache_root() / "kernels" / f"{name}-{digest}"
             build_dir.mkdir(parents=True, exist_ok=True)
             module = cpp_extension.load(

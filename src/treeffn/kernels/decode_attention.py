@@ -3,9 +3,9 @@
 Decoding runs each attention layer on one new position per sequence. Op by op, most of that call is dispatch: the
 projections are four GEMVs, but around them come a dozen framework ops on tensors of a few hundred numbers (views,
 two rotary rotations, the cache writes, the attention over the cache, the output projection), a few microseconds
-each. :func:`decode_step` does the step in one call — the projections through ``at::linear``, the GEMM every
-other linear layer of both a tree model and its dense twin uses, the rest in plain loops — so the saving is the
-same for every model.
+each. :func:`decode_step` does the step in one call — the projections through the GEMM every other linear layer
+of both a tree model and its dense twin uses (``at::linear``, or ``treeffn.kernels.small_linear``'s when that is
+on), the rest in plain loops — so the saving is the same for every model.
 
 Used by :class:`treeffn.model.Attention` for a cached one-position step without padding, on CPU in fp32 with
 autograd off; anything else (GPU, bf16, training, padded batches) takes the PyTorch path, which is the reference
@@ -20,6 +20,7 @@ import contextlib
 import torch
 
 from .build import load_extension
+from .small_linear import small_gemm_on
 
 _state = {"ext": None, "tried": False, "enabled": True}
 
@@ -60,6 +61,6 @@ def decode_step(x: torch.Tensor, attn, pos: torch.Tensor, cache) -> torch.Tensor
     y = extension().decode_attention(x.reshape(B, D), attn.q.weight, attn.q.bias, attn.k.weight, attn.k.bias,
                                      attn.v.weight, attn.v.bias, attn.o.weight, attn.o.bias, attn.rotary.table,
                                      pos.reshape(B), cache._k, cache._v, cache._pos, cache._valid, cache.n,
-                                     attn.n_head)
+                                     attn.n_head, small_gemm_on())
     cache.n += 1
     return y.view(B, 1, -1)

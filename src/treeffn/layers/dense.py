@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.small_linear import Linear
 from ..ops.activations import activation_fn
 from .registry import INIT_STD, FFNVariant, residual_std
 
@@ -28,8 +29,8 @@ class DenseMLP(nn.Module):
     def __init__(self, d_model: int, hidden: int, activation: str = "gelu", bias: bool = True,
                  init_std: float | None = None, out_std: float | None = None):
         super().__init__()
-        self.fc_in = nn.Linear(d_model, hidden, bias=bias)
-        self.fc_out = nn.Linear(hidden, d_model, bias=bias)
+        self.fc_in = Linear(d_model, hidden, bias=bias)
+        self.fc_out = Linear(hidden, d_model, bias=bias)
         self.activation = activation
         self.phi = activation_fn(activation)
         self.d_model, self.hidden = d_model, hidden
@@ -55,9 +56,9 @@ class SwiGLU(nn.Module):
 
     def __init__(self, d_model: int, hidden: int, init_std: float | None = None, out_std: float | None = None):
         super().__init__()
-        self.w1 = nn.Linear(d_model, hidden, bias=False)  # gate
-        self.w3 = nn.Linear(d_model, hidden, bias=False)  # up
-        self.w2 = nn.Linear(hidden, d_model, bias=False)  # down
+        self.w1 = Linear(d_model, hidden, bias=False)  # gate
+        self.w3 = Linear(d_model, hidden, bias=False)  # up
+        self.w2 = Linear(hidden, d_model, bias=False)  # down
         self.d_model, self.hidden = d_model, hidden
         if init_std is not None:
             init_linear(self.w1, init_std)

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..config import Config
 from ..errors import ConfigError
+from ..kernels.small_linear import Linear
 from .dense import DenseMLP, SwiGLU, init_linear
 from .registry import INIT_STD, FFNVariant, residual_std
 
@@ -64,7 +65,7 @@ class MoE(nn.Module):
                  expert: str = "dense", activation: str = "gelu", bias: bool = False, noop_experts: int = 0,
                  init_std: float | None = None, out_std: float | None = None):
         super().__init__()
-        self.router = nn.Linear(d_model, experts + noop_experts, bias=False)
+        self.router = Linear(d_model, experts + noop_experts, bias=False)
         make = (lambda: SwiGLU(d_model, hidden, init_std, out_std)) if expert == "swiglu" else (
             lambda: DenseMLP(d_model, hidden, activation, bias, init_std, out_std))
         self.experts = nn.ModuleList(make() for _ in range(experts))  # only the real ones hold parameters

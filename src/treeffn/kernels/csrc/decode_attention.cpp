@@ -6,7 +6,8 @@
 // are each a dispatch of a few microseconds on tensors of a few hundred numbers. This kernel does the whole step:
 //
 //   x      (B, D) fp32           the normed input of the new position of each sequence
-//   q/k/v  = x Wqᵀ (+ b), x Wkᵀ (+ b), x Wvᵀ (+ b)        at::linear, the GEMM every other linear layer uses
+//   q/k/v  = x Wqᵀ (+ b), x Wkᵀ (+ b), x Wvᵀ (+ b)        at::linear, or small_linear.h with small_gemm, as every
+//                                                        other linear layer of the model (kernels/small_linear.py)
 //   q, k   rotated by the rotary table row of the position (table (P, 2C): [cos | cos | −sin | sin]):
 //          r[c] = x[c]·table[p, c] + x[(c + C/2) mod C]·table[p, C + c]
 //   cache  k and v written at slot n of kbuf/vbuf (B, G, cap, C), cap > n, the position at posbuf[:, n] (B, cap),
@@ -21,6 +22,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/utils/pybind.h>
+
+#include "small_linear.h"
 
 #include <algorithm>
 #include <cmath>
@@ -115,7 +118,7 @@ at::Tensor decode_attention(const at::Tensor& x, const at::Tensor& wq, const std
                             const std::optional<at::Tensor>& bv, const at::Tensor& wo,
                             const std::optional<at::Tensor>& bo, const at::Tensor& table, const at::Tensor& pos,
                             at::Tensor kbuf, at::Tensor vbuf, at::Tensor posbuf, at::Tensor validbuf, int64_t n,
-                            int64_t n_head) {
+                            int64_t n_head, bool small_gemm) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
               "decode_attention: x must be a (B, D) fp32 CPU tensor");
   TORCH_CHECK(kbuf.dim() == 4 && vbuf.sizes() == kbuf.sizes() && kbuf.scalar_type() == at::kFloat &&
@@ -135,9 +138,12 @@ at::Tensor decode_attention(const at::Tensor& x, const at::Tensor& wq, const std
                   validbuf.size(1) == cap && validbuf.scalar_type() == at::kBool,
               "decode_attention: posbuf and validbuf must be (B, cap) int64 and bool");
 
-  const at::Tensor q = at::linear(x, wq, bq).contiguous();  // (B, H*C)
-  const at::Tensor k = at::linear(x, wk, bk).contiguous();  // (B, G*C)
-  const at::Tensor v = at::linear(x, wv, bv).contiguous();
+  const auto proj = [small_gemm](const at::Tensor& in, const at::Tensor& w, const std::optional<at::Tensor>& b) {
+    return small_gemm ? treeffn_small_linear::linear(in, w, b) : at::linear(in, w, b);
+  };
+  const at::Tensor q = proj(x, wq, bq).contiguous();  // (B, H*C)
+  const at::Tensor k = proj(x, wk, bk).contiguous();  // (B, G*C)
+  const at::Tensor v = proj(x, wv, bv).contiguous();
   TORCH_CHECK(q.size(1) == H * C && k.size(1) == G * C && v.size(1) == G * C,
               "decode_attention: projection widths do not match ", H, "x", C, " queries and ", G, "x", C,
               " keys/values");
@@ -192,7 +198,7 @@ at::Tensor decode_attention(const at::Tensor& x, const at::Tensor& wq, const std
   } else {
     heads(0, B * H);
   }
-  return at::linear(attn, wo, bo);
+  return proj(attn, wo, bo);
 }
 
 }  // namespace
