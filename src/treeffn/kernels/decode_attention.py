@@ -56,11 +56,9 @@ def decode_step(x: torch.Tensor, attn, pos: torch.Tensor, cache) -> torch.Tensor
     """y (B, 1, D) of attention module ``attn`` (q, k, v, o linear layers, n_head, rotary) for x (B, 1, D) at
     positions ``pos`` (B, 1), appending the new position's rotated key, value, position and validity to ``cache``
     (a :class:`treeffn.model.LayerCache` holding at least one entry); the caller has checked :func:`usable`."""
-    B, _, D = x.shape
     cache.reserve(1)
-    y = extension().decode_attention(x.reshape(B, D), attn.q.weight, attn.q.bias, attn.k.weight, attn.k.bias,
-                                     attn.v.weight, attn.v.bias, attn.o.weight, attn.o.bias, attn.rotary.table,
-                                     pos.reshape(B), cache._k, cache._v, cache._pos, cache._valid, cache.n,
-                                     attn.n_head, small_gemm_on())
+    y = _state["ext"].decode_attention(x, attn.q.weight, attn.q.bias, attn.k.weight, attn.k.bias, attn.v.weight,
+                                       attn.v.bias, attn.o.weight, attn.o.bias, attn.rotary.table, pos, cache._k,
+                                       cache._v, cache._pos, cache._valid, cache.n, attn.n_head, small_gemm_on())
     cache.n += 1
-    return y.view(B, 1, -1)
+    return y

@@ -5,7 +5,7 @@
 // a multiply and an add each), the in-place writes of the cache, the attention itself and the output projection
 // are each a dispatch of a few microseconds on tensors of a few hundred numbers. This kernel does the whole step:
 //
-//   x      (B, D) fp32           the normed input of the new position of each sequence
+//   x      (B, D) or (B, 1, D) fp32   the normed input of the new position of each sequence (pos (B,) or (B, 1))
 //   q/k/v  = x Wqᵀ (+ b), x Wkᵀ (+ b), x Wvᵀ (+ b)        at::linear, or small_linear.h with small_gemm, as every
 //                                                        other linear layer of the model (kernels/small_linear.py)
 //   q, k   rotated by the rotary table row of the position (table (P, 2C): [cos | cos | −sin | sin]):
@@ -13,7 +13,7 @@
 //   cache  k and v written at slot n of kbuf/vbuf (B, G, cap, C), cap > n, the position at posbuf[:, n] (B, cap),
 //          validbuf[:, n] = true; the caller keeps the count
 //   head h (query group g = h / (H/G)) attends to slots 0..n of group g: softmax(q·kⱼ / √C) weighted sum of vⱼ
-//   y      = attn Woᵀ (+ b)      (B, D)
+//   y      = attn Woᵀ (+ b)      (B, D), or (B, 1, D) for x (B, 1, D)
 //
 // The scores and the softmax are fp32 with a fixed order of summation per head, so the result does not depend on
 // the thread count; it differs from scaled_dot_product_attention only by the order of summation (tests compare).
@@ -113,14 +113,17 @@ inline void attend_head(const float* __restrict q, const float* __restrict kbase
   }
 }
 
-at::Tensor decode_attention(const at::Tensor& x, const at::Tensor& wq, const std::optional<at::Tensor>& bq,
+at::Tensor decode_attention(const at::Tensor& x_in, const at::Tensor& wq, const std::optional<at::Tensor>& bq,
                             const at::Tensor& wk, const std::optional<at::Tensor>& bk, const at::Tensor& wv,
                             const std::optional<at::Tensor>& bv, const at::Tensor& wo,
-                            const std::optional<at::Tensor>& bo, const at::Tensor& table, const at::Tensor& pos,
+                            const std::optional<at::Tensor>& bo, const at::Tensor& table, const at::Tensor& pos_in,
                             at::Tensor kbuf, at::Tensor vbuf, at::Tensor posbuf, at::Tensor validbuf, int64_t n,
                             int64_t n_head, bool small_gemm) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
-              "decode_attention: x must be a (B, D) fp32 CPU tensor");
+  TORCH_CHECK((x_in.dim() == 2 || (x_in.dim() == 3 && x_in.size(1) == 1)) && x_in.scalar_type() == at::kFloat &&
+                  x_in.device().is_cpu(),
+              "decode_attention: x must be a (B, D) or (B, 1, D) fp32 CPU tensor");
+  const at::Tensor x = x_in.reshape({x_in.size(0), x_in.size(-1)}).contiguous();
+  const at::Tensor pos = pos_in.reshape({-1});
   TORCH_CHECK(kbuf.dim() == 4 && vbuf.sizes() == kbuf.sizes() && kbuf.scalar_type() == at::kFloat &&
                   vbuf.scalar_type() == at::kFloat && kbuf.stride(3) == 1 && vbuf.stride(3) == 1,
               "decode_attention: kbuf and vbuf must be (B, G, cap, C) fp32 with unit stride in C");
@@ -198,7 +201,8 @@ at::Tensor decode_attention(const at::Tensor& x, const at::Tensor& wq, const std
   } else {
     heads(0, B * H);
   }
-  return proj(attn, wo, bo);
+  const at::Tensor y = proj(attn, wo, bo);
+  return x_in.dim() == 3 ? y.view({B, 1, y.size(1)}) : y;
 }
 
 }  // namespace
