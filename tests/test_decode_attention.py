@@ -97,3 +97,20 @@ def test_generate_is_unchanged_by_the_kernel():
     with decode_attention.disabled():
         ref = m.generate(idx, 20)
     assert torch.equal(fast, ref)
+
+
+def test_training_mode_with_attention_dropout_takes_the_pytorch_path(monkeypatch):
+    """The kernel has no dropout: a cached step in training mode with dropout on goes through the reference."""
+    calls = []
+    real = decode_attention.decode_step
+    monkeypatch.setattr(decode_attention, "decode_step", lambda *a: calls.append(1) or real(*a))
+    m = build_model("debug", {"model.dropout": 0.1}).train()
+    idx = torch.randint(0, 512, (1, 6))
+    with torch.no_grad():
+        cache = KVCache(len(m.blocks))
+        m(idx[:, :5], cache=cache)
+        m(idx[:, 5:], cache=cache)
+        assert not calls
+        m.eval()
+        m(idx[:, 5:], cache=cache)
+    assert len(calls) == len(m.blocks)

@@ -191,6 +191,7 @@ class Attention(nn.Module):
         """
         B, T, _ = x.shape
         if (T == 1 and cache is not None and cache._k is not None and cache.all_valid
+                and not (self.training and self.dropout > 0)
                 and decode_attention.usable(x, self.q.weight, cache._k, cache._v)
                 and (valid is None or bool(valid.all()))):
             # one decoding step in one C++ call (treeffn.kernels.decode_attention); the code below is its reference
