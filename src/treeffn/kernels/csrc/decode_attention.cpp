@@ -36,6 +36,8 @@ namespace {
 
 // Below this many cached floats read (keys and values of every head) the step stays on the calling thread.
 constexpr int64_t kParallelWork = 1 << 15;
+// Cached rows read ahead of the one being used (keys in the score pass, values in the weighted sum).
+constexpr int64_t kPrefetchRows = 8;
 
 inline void rotate(const float* __restrict x, const float* __restrict row, float* __restrict out, int64_t C) {
   const int64_t half = C / 2;
@@ -77,6 +79,7 @@ inline void attend_head(const float* __restrict q, const float* __restrict kbase
   float mx = -INFINITY;
   for (int64_t j = 0; j < S; ++j) {
     const float* kj = kbase + j * kss;
+    for (int64_t c = 0; c < C; c += 16) __builtin_prefetch(kj + kPrefetchRows * kss + c, 0, 3);
     float d = 0.0f;
 #pragma omp simd reduction(+ : d)
     for (int64_t c = 0; c < C; ++c) d += q[c] * kj[c];
@@ -94,6 +97,7 @@ inline void attend_head(const float* __restrict q, const float* __restrict kbase
     float acc[CC] = {};
     for (int64_t j = 0; j < S; ++j) {
       const float* vj = vbase + j * vss;
+      for (int64_t c = 0; c < CC; c += 16) __builtin_prefetch(vj + kPrefetchRows * vss + c, 0, 3);
       const float w = s[j];
 #pragma omp simd
       for (int64_t c = 0; c < CC; ++c) acc[c] += w * vj[c];
