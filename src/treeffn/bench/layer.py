@@ -72,6 +72,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..kernels.small_linear import SMALL_ROWS, use_small_gemm
 from ..kernels.tree_infer import extension, tree_infer
 from ..memory import huge_pages_available, use_huge_pages
 from ..ops.tree import ROUTES
@@ -159,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--huge-pages", choices=("on", "off"), default="on",
                    help="every layer's weights (the baselines' too) on transparent huge pages, as treeffn.load_model "
                         "places a model's (Linux with THP enabled; elsewhere off)")
+    p.add_argument("--gemm", choices=("torch", "small"), default="torch",
+                   help="the GEMM of the baselines' linear layers for up to %d token vectors: torch = F.linear "
+                        "(default), small = treeffn's prefetching small-batch kernel (treeffn.kernels.small_linear), "
+                        "the stronger dense baseline" % SMALL_ROWS)
     p.add_argument("--seed", type=int, default=0, help="random seed for weights and inputs")
     return p
 
@@ -282,6 +287,14 @@ def targets(d_model: int, trees: int, depth: int, impls: list[str], paths: list[
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    before = use_small_gemm(args.gemm == "small")
+    try:
+        return _run(args)
+    finally:
+        use_small_gemm(before)
+
+
+def _run(args) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     impls = [s.strip() for s in args.impls.split(",") if s.strip()]
@@ -327,9 +340,10 @@ def main(argv: list[str] | None = None) -> int:
                 "eviction_bytes": EVICT_LLC * llc if cold else 0, "cold_copies": args.cold_copies,
                 "max_cold_copies": MAX_COPIES, "warmup": WARMUP, "warmup_cutoff_s": WARMUP_CUTOFF_S,
                 "repeats": args.repeats, "min_repeats": MIN_REPEATS, "budget_s": args.budget_s, "seed": args.seed,
-                "huge_pages": huge}
+                "huge_pages": huge, "gemm": args.gemm}
     print(f"treeffn bench layer: D={D} dtype={args.dtype} tree.route={args.route} huge pages "
-          f"{'on' if huge else 'off'}; {env_line(env)}; fastfeedforward={settings['fastfeedforward']}")
+          f"{'on' if huge else 'off'}; baselines' GEMM {args.gemm}; {env_line(env)}; "
+          f"fastfeedforward={settings['fastfeedforward']}")
     if cold:
         print(f"cold: before every call, read {EVICT_LLC * llc / 2**20:.0f} MiB ({EVICT_LLC}x the last-level cache), "
               "then make the same call on another copy of the layer (code, interpreter and input back in cache)")
