@@ -348,14 +348,16 @@ def test_generate_decode_bytes_and_shares():
     assert all(shares[c] >= 0 for c in generate.COMPONENTS) and shares["ms_per_step"] > 0
 
 
-def test_generate_small_gemm_is_recorded_and_switched_back(capsys):
-    """``--gemm small`` runs both models through the small-batch GEMM (the setting is in the JSON line) and leaves
-    the process's setting as it found it."""
+@pytest.mark.parametrize("name,extra,says", [("generate", ["--no-shares"], "decoding GEMM small"),
+                                             ("layer", [], "baselines' GEMM small")])
+def test_small_gemm_is_recorded_and_switched_back(name, extra, says, capsys):
+    """``--gemm small`` runs the dense layers through the small-batch GEMM (the setting is in the JSON line and the
+    header) and leaves the process's setting as it found it."""
     from treeffn.cli import main
     from treeffn.kernels.small_linear import small_gemm_on
 
     assert not small_gemm_on()
-    assert main(["bench", "generate", *TINY["generate"], "--gemm", "small", "--no-shares"]) == 0
+    assert main(["bench", name, *TINY[name], *extra, "--gemm", "small"]) == 0
     out = capsys.readouterr().out
-    assert json_line(out)["settings"]["gemm"] == "small" and "decoding GEMM small" in out
+    assert json_line(out)["settings"]["gemm"] == "small" and says in out
     assert not small_gemm_on()
