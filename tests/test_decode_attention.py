@@ -1,5 +1,7 @@
 """The one-call decoding step of attention (treeffn.kernels.decode_attention) against the PyTorch path it replaces."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -114,3 +116,36 @@ def test_training_mode_with_attention_dropout_takes_the_pytorch_path(monkeypatch
         m.eval()
         m(idx[:, 5:], cache=cache)
     assert len(calls) == len(m.blocks)
+
+
+def test_padded_batches_match():
+    """Left-padded prompts (explicit positions, padding invalid) and decoding steps where some rows add an invalid
+    entry (as a Mixture-of-Depths block does for rows it skips): the kernel's masked attention equals the PyTorch
+    path's, including a row whose new entry is invalid (it attends to its valid keys and itself)."""
+    torch.manual_seed(6)
+    m = build_model("debug", {"model.n_kv_head": 2}).eval()
+    B, P = 3, 9
+    g = torch.Generator().manual_seed(7)
+    lengths = [9, 5, 2]
+    valid = torch.tensor([[i >= P - n for i in range(P)] for n in lengths])
+    pos = (valid.long().cumsum(1) - 1).clamp_min(0)
+    idx = torch.randint(0, 512, (B, P), generator=g)
+    steps = [(torch.randint(0, 512, (B, 1), generator=g), torch.tensor([[True], [t % 2 == 0], [t != 1]]))
+             for t in range(6)]
+
+    def run(kernel):
+        cache = KVCache(len(m.blocks))
+        ctx = contextlib.nullcontext() if kernel else decode_attention.disabled()
+        with torch.no_grad(), ctx:
+            out = [m(idx, cache=cache, pos=pos, valid=valid).logits]
+            p = pos[:, -1:].clone()
+            for tok, ok in steps:
+                p = p + 1
+                out.append(m(tok, cache=cache, pos=p, valid=ok).logits)
+        return torch.cat(out, 1), cache
+
+    fast, fc = run(True)
+    ref, rc = run(False)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-4)
+    for a, b in zip(fc.layers, rc.layers):
+        assert torch.equal(a.valid, b.valid) and torch.equal(a.pos, b.pos) and a.all_valid == b.all_valid is False

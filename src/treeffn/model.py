@@ -190,12 +190,10 @@ class Attention(nn.Module):
         Otherwise a query at position p attends to valid keys at positions ≤ p (and always to itself).
         """
         B, T, _ = x.shape
-        if (T == 1 and cache is not None and cache._k is not None and cache.all_valid
-                and not (self.training and self.dropout > 0)
-                and decode_attention.usable(x, self.q.weight, cache._k, cache._v)
-                and (valid is None or bool(valid.all()))):
+        if (T == 1 and cache is not None and cache._k is not None and not (self.training and self.dropout > 0)
+                and decode_attention.usable(x, self.q.weight, cache._k, cache._v)):
             # one decoding step in one C++ call (treeffn.kernels.decode_attention); the code below is its reference
-            return decode_attention.decode_step(x, self, pos, cache)
+            return decode_attention.decode_step(x, self, pos, cache, valid)
         q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, C)
         k = self.k(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, G, T, C)
         v = self.v(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)

@@ -7,9 +7,9 @@ each. :func:`decode_step` does the step in one call — the projections through 
 of both a tree model and its dense twin uses (``at::linear``, or ``treeffn.kernels.small_linear``'s when that is
 on), the rest in plain loops — so the saving is the same for every model.
 
-Used by :class:`treeffn.model.Attention` for a cached one-position step without padding, on CPU in fp32 with
-autograd off; anything else (GPU, bf16, training, padded batches) takes the PyTorch path, which is the reference
-the kernel is tested against (``tests/test_decode_attention.py``). :func:`disabled` turns the kernel off, e.g. to
+Used by :class:`treeffn.model.Attention` for a cached one-position step (padded batches included), on CPU in fp32
+with autograd off; anything else (GPU, bf16, training with dropout, a prefill) takes the PyTorch path, which is the
+reference the kernel is tested against (``tests/test_decode_attention.py``). :func:`disabled` turns the kernel off, e.g. to
 time or test the reference; ``TREEFFN_NO_EXT=1`` does so for every kernel.
 """
 
@@ -52,13 +52,20 @@ def usable(x: torch.Tensor, weight: torch.Tensor, kbuf: torch.Tensor, vbuf: torc
             and kbuf.stride(-1) == 1 and vbuf.stride(-1) == 1 and extension() is not None)
 
 
-def decode_step(x: torch.Tensor, attn, pos: torch.Tensor, cache) -> torch.Tensor:
+def decode_step(x: torch.Tensor, attn, pos: torch.Tensor, cache, valid: torch.Tensor | None = None) -> torch.Tensor:
     """y (B, 1, D) of attention module ``attn`` (q, k, v, o linear layers, n_head, rotary) for x (B, 1, D) at
-    positions ``pos`` (B, 1), appending the new position's rotated key, value, position and validity to ``cache``
-    (a :class:`treeffn.model.LayerCache` holding at least one entry); the caller has checked :func:`usable`."""
+    positions ``pos`` (B, 1), appending the new position's rotated key, value, position and validity (``valid``
+    (B, 1), None = valid) to ``cache`` (a :class:`treeffn.model.LayerCache` holding at least one entry), with the
+    PyTorch path's rule: without padding in the cache or the step every cached key is attended to; with padding a
+    position attends to the valid keys at positions up to its own, and to itself. The caller has checked
+    :func:`usable`."""
+    masked = valid is not None or not cache.all_valid
     cache.reserve(1)
     y = _state["ext"].decode_attention(x, attn.q.weight, attn.q.bias, attn.k.weight, attn.k.bias, attn.v.weight,
                                        attn.v.bias, attn.o.weight, attn.o.bias, attn.rotary.table, pos, cache._k,
-                                       cache._v, cache._pos, cache._valid, cache.n, attn.n_head, small_gemm_on())
+                                       cache._v, cache._pos, cache._valid, cache.n, valid, masked, attn.n_head,
+                                       small_gemm_on())
     cache.n += 1
+    if valid is not None and cache.all_valid:
+        cache.all_valid = bool(valid.all())
     return y

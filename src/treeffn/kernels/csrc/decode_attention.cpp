@@ -11,8 +11,9 @@
 //   q, k   rotated by the rotary table row of the position (table (P, 2C): [cos | cos | −sin | sin]):
 //          r[c] = x[c]·table[p, c] + x[(c + C/2) mod C]·table[p, C + c]
 //   cache  k and v written at slot n of kbuf/vbuf (B, G, cap, C), cap > n, the position at posbuf[:, n] (B, cap),
-//          validbuf[:, n] = true; the caller keeps the count
-//   head h (query group g = h / (H/G)) attends to slots 0..n of group g: softmax(q·kⱼ / √C) weighted sum of vⱼ
+//          validbuf[:, n] = the new position's validity (new_valid (B,), or true); the caller keeps the count
+//   head h (query group g = h / (H/G)) attends to slots 0..n of group g: softmax(q·kⱼ / √C) weighted sum of vⱼ;
+//          masked (a padded cache): only to the valid slots at positions <= its own, and to slot n
 //   y      = attn Woᵀ (+ b)      (B, D), or (B, 1, D) for x (B, 1, D)
 //
 // The scores and the softmax are fp32 with a fixed order of summation per head, so the result does not depend on
@@ -68,18 +69,22 @@ inline float exp_nonpositive(float x) {
   return p * two_n;
 }
 
-// One head: softmax(q·kⱼ · scale) over the S cached keys, weighted sum of the values into out. CC is the head width
+// One head: softmax(q·kⱼ · scale) over S cached keys — slots 0..S-1, or the slots idx[0..S-1] when idx is given
+// (a padded cache: the others are masked out) — and the weighted sum of their values into out. CC is the head width
 // when it is known at compile time (the loops over it then unroll and the accumulator stays in registers), 0 when
 // it is only known at run time (C).
 template <int64_t CC>
 inline void attend_head(const float* __restrict q, const float* __restrict kbase, int64_t kss,
-                        const float* __restrict vbase, int64_t vss, int64_t S, float scale, float* __restrict s,
-                        float* __restrict out, int64_t Crt) {
+                        const float* __restrict vbase, int64_t vss, const int64_t* __restrict idx, int64_t S,
+                        float scale, float* __restrict s, float* __restrict out, int64_t Crt) {
   const int64_t C = CC > 0 ? CC : Crt;
+  auto slot = [idx](int64_t j) { return idx ? idx[j] : j; };
+  auto ahead = [idx, S](int64_t j) { return idx ? idx[std::min(j + kPrefetchRows, S - 1)] : j + kPrefetchRows; };
   float mx = -INFINITY;
   for (int64_t j = 0; j < S; ++j) {
-    const float* kj = kbase + j * kss;
-    for (int64_t c = 0; c < C; c += 16) __builtin_prefetch(kj + kPrefetchRows * kss + c, 0, 3);
+    const float* kj = kbase + slot(j) * kss;
+    const float* kn = kbase + ahead(j) * kss;
+    for (int64_t c = 0; c < C; c += 16) __builtin_prefetch(kn + c, 0, 3);
     float d = 0.0f;
 #pragma omp simd reduction(+ : d)
     for (int64_t c = 0; c < C; ++c) d += q[c] * kj[c];
@@ -96,8 +101,9 @@ inline void attend_head(const float* __restrict q, const float* __restrict kbase
   if constexpr (CC > 0) {
     float acc[CC] = {};
     for (int64_t j = 0; j < S; ++j) {
-      const float* vj = vbase + j * vss;
-      for (int64_t c = 0; c < CC; c += 16) __builtin_prefetch(vj + kPrefetchRows * vss + c, 0, 3);
+      const float* vj = vbase + slot(j) * vss;
+      const float* vn = vbase + ahead(j) * vss;
+      for (int64_t c = 0; c < CC; c += 16) __builtin_prefetch(vn + c, 0, 3);
       const float w = s[j];
 #pragma omp simd
       for (int64_t c = 0; c < CC; ++c) acc[c] += w * vj[c];
@@ -107,7 +113,7 @@ inline void attend_head(const float* __restrict q, const float* __restrict kbase
   } else {
     std::fill(out, out + C, 0.0f);
     for (int64_t j = 0; j < S; ++j) {
-      const float* vj = vbase + j * vss;
+      const float* vj = vbase + slot(j) * vss;
       const float w = s[j];
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) out[c] += w * vj[c];
@@ -122,7 +128,8 @@ at::Tensor decode_attention(const at::Tensor& x_in, const at::Tensor& wq, const 
                             const std::optional<at::Tensor>& bv, const at::Tensor& wo,
                             const std::optional<at::Tensor>& bo, const at::Tensor& table, const at::Tensor& pos_in,
                             at::Tensor kbuf, at::Tensor vbuf, at::Tensor posbuf, at::Tensor validbuf, int64_t n,
-                            int64_t n_head, bool small_gemm) {
+                            const std::optional<at::Tensor>& new_valid, bool masked, int64_t n_head,
+                            bool small_gemm) {
   TORCH_CHECK((x_in.dim() == 2 || (x_in.dim() == 3 && x_in.size(1) == 1)) && x_in.scalar_type() == at::kFloat &&
                   x_in.device().is_cpu(),
               "decode_attention: x must be a (B, D) or (B, 1, D) fp32 CPU tensor");
@@ -144,6 +151,12 @@ at::Tensor decode_attention(const at::Tensor& x_in, const at::Tensor& wq, const 
                   posbuf.scalar_type() == at::kLong && validbuf.dim() == 2 && validbuf.size(0) == B &&
                   validbuf.size(1) == cap && validbuf.scalar_type() == at::kBool,
               "decode_attention: posbuf and validbuf must be (B, cap) int64 and bool");
+  const bool has_nv = new_valid.has_value() && new_valid->defined();
+  at::Tensor nv;
+  if (has_nv) {
+    nv = new_valid->reshape({-1}).contiguous();
+    TORCH_CHECK(nv.size(0) == B && nv.scalar_type() == at::kBool, "decode_attention: valid must be (B,) bool");
+  }
 
   const auto proj = [small_gemm](const at::Tensor& in, const at::Tensor& w, const std::optional<at::Tensor>& b) {
     return small_gemm ? treeffn_small_linear::linear(in, w, b) : at::linear(in, w, b);
@@ -175,7 +188,7 @@ at::Tensor decode_attention(const at::Tensor& x_in, const at::Tensor& wq, const 
   bool* vd = validbuf.data_ptr<bool>();
   for (int64_t b = 0; b < B; ++b) {
     pb[b * posbuf.stride(0) + n * posbuf.stride(1)] = p[b];
-    vd[b * validbuf.stride(0) + n * validbuf.stride(1)] = true;
+    vd[b * validbuf.stride(0) + n * validbuf.stride(1)] = has_nv ? nv.data_ptr<bool>()[b] : true;
     const float* row = tp + p[b] * 2 * C;
     for (int64_t h = 0; h < H; ++h) rotate(qp + (b * H + h) * C, row, qrp + (b * H + h) * C, C);
     for (int64_t g = 0; g < G; ++g) {
@@ -190,6 +203,18 @@ at::Tensor decode_attention(const at::Tensor& x_in, const at::Tensor& wq, const 
   const float scale = 1.0f / std::sqrt(static_cast<float>(C));
   at::Tensor attn = at::empty({B, H * C}, x.options());
   float* ap = attn.data_ptr<float>();
+  // masked: each sequence attends to its valid slots at positions <= its own, and always to the new slot (the
+  // PyTorch path's mask); otherwise to every slot
+  std::vector<int64_t> idx(masked ? B * S : 0), count(B, S);
+  for (int64_t b = 0; masked && b < B; ++b) {
+    int64_t c = 0;
+    const bool* vrow = vd + b * validbuf.stride(0);
+    const int64_t* prow = pb + b * posbuf.stride(0);
+    for (int64_t j = 0; j < n; ++j)
+      if (vrow[j * validbuf.stride(1)] && prow[j * posbuf.stride(1)] <= p[b]) idx[b * S + c++] = j;
+    idx[b * S + c++] = n;
+    count[b] = c;
+  }
   const auto attend = C == 64 ? attend_head<64> : C == 128 ? attend_head<128> : attend_head<0>;
   auto heads = [&](int64_t begin, int64_t end) {
     std::vector<float> s(S);
@@ -197,7 +222,8 @@ at::Tensor decode_attention(const at::Tensor& x_in, const at::Tensor& wq, const 
       const int64_t b = bh / H, g = (bh % H) / per_group;
       const float* kbase = kb + b * ksb + g * ksg;
       const float* vbase = vb + b * vsb + g * vsg;
-      attend(qrp + bh * C, kbase, kss, vbase, vss, S, scale, s.data(), ap + bh * C, C);
+      attend(qrp + bh * C, kbase, kss, vbase, vss, masked ? idx.data() + b * S : nullptr, count[b], scale,
+             s.data(), ap + bh * C, C);
     }
   };
   if (B * G * S * C * 2 >= kParallelWork && at::get_num_threads() > 1) {
