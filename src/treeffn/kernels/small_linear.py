@@ -4,7 +4,8 @@ Decoding multiplies one vector per sequence by every weight matrix of the model,
 memory once per step and a handful of tokens share it. PyTorch's GEMM handles some of these shapes well below
 what that stream allows; the kernel here loads a few rows of W at a time into one accumulator per row and token
 and prefetches the next rows, so W streams through the core once whatever the number of tokens (``treeffn bench
-generate --gemm small`` measures what it changes end to end, for a tree model and its dense twin alike).
+generate --gemm small`` measures what it changes end to end, for a tree model and its dense twin alike, and
+``treeffn bench layer --gemm small`` for the dense baselines of a single layer).
 
 :class:`Linear` is the ``nn.Linear`` every treeffn model builds — attention projections, output layer, dense and
 SwiGLU MLPs, routers — so that both models of a comparison multiply alike. The kernel is off by default
