@@ -76,9 +76,15 @@ class LayerCache:
             self.n = t
             return k, v, pos, valid
         self.reserve(t)
-        self._k.narrow(2, self.n, t).copy_(k)
-        self._v.narrow(2, self.n, t).copy_(v)
-        self.commit(pos, valid)
+        n = self.n
+        self._k.narrow(2, n, t).copy_(k)
+        self._v.narrow(2, n, t).copy_(v)
+        self._pos.narrow(1, n, t).copy_(pos)
+        if valid is None:
+            self._valid.narrow(1, n, t).fill_(True)
+        else:
+            self._valid.narrow(1, n, t).copy_(valid)
+        self.n = n + t
         return self.k, self.v, self.pos, self.valid
 
     def reserve(self, t: int) -> None:
@@ -90,17 +96,6 @@ class LayerCache:
             self._v = self._grow(self._v, 2, new_cap)
             self._pos = self._grow(self._pos, 1, new_cap)
             self._valid = self._grow(self._valid, 1, new_cap)
-
-    def commit(self, pos, valid=None) -> None:
-        """Count t = pos.shape[1] entries whose keys and values are already written at slots n..n+t-1 of the
-        storage (after :meth:`reserve`), recording their positions and padding (None: all valid)."""
-        n, t = self.n, pos.shape[1]
-        self._pos.narrow(1, n, t).copy_(pos)
-        if valid is None:
-            self._valid.narrow(1, n, t).fill_(True)
-        else:
-            self._valid.narrow(1, n, t).copy_(valid)
-        self.n = n + t
 
     def _grow(self, t, dim, cap):
         shape = list(t.shape)

@@ -9,8 +9,8 @@ on), the rest in plain loops — so the saving is the same for every model.
 
 Used by :class:`treeffn.model.Attention` for a cached one-position step (padded batches included), on CPU in fp32
 with autograd off; anything else (GPU, bf16, training with dropout, a prefill) takes the PyTorch path, which is the
-reference the kernel is tested against (``tests/test_decode_attention.py``). :func:`disabled` turns the kernel off, e.g. to
-time or test the reference; ``TREEFFN_NO_EXT=1`` does so for every kernel.
+reference the kernel is tested against (``tests/test_decode_attention.py``). :func:`disabled` turns the kernel off,
+e.g. to time or test the reference; ``TREEFFN_NO_EXT=1`` does so for every kernel.
 """
 
 from __future__ import annotations

@@ -51,7 +51,8 @@ def small_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     """x (..., K) Wᵀ + b through the kernel, or None where it does not apply (kernel off, more than SMALL_ROWS
     vectors, not fp32 on the CPU, autograd on, or no compiled kernel)."""
     K = weight.shape[1]
-    if (not _state["on"] or torch.is_grad_enabled() or x.dtype != torch.float32 or weight.dtype != torch.float32 or not x.is_cpu
+    if (not _state["on"] or torch.is_grad_enabled() or x.dtype != torch.float32 or weight.dtype != torch.float32
+            or not x.is_cpu
             or not 0 < x.numel() <= SMALL_ROWS * K or x.shape[-1] != K or not weight.is_contiguous()
             or (bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()))):
         return None

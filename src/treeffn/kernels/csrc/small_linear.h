@@ -3,9 +3,10 @@
 // Decoding multiplies a handful of token vectors by every weight matrix: the matrices are read from memory once
 // per step and each weight is used M times. Each output row n is computed by one thread: W's rows are loaded once
 // per 16 columns, a few rows at a time, and multiplied into one accumulator per row and token, so the matrix
-// streams through the core once whatever M is. Rows are split across torch's threads in blocks of whole cache lines of y. Every output is one
-// dot product in a fixed order, so the result does not depend on the thread count; it differs from at::linear only
-// by the order of summation.
+// streams through the core once whatever M is; the next rows are prefetched while these are multiplied. Rows are
+// split across torch's threads in blocks of 16 (whole cache lines of y). Every output is one dot product in a fixed
+// order, so the result does not depend on the thread count; it differs from at::linear only by the order of
+// summation.
 
 #pragma once
 
