@@ -67,3 +67,16 @@ def test_conversion_tests_run_without_gguf(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert re.search(r"\b2 passed\b", res.stdout) and re.search(r"\b1 skipped\b", res.stdout), res.stdout[-2000:]
     assert "gguf" in res.stdout  # the skip reason names what is missing
+
+
+def test_every_kernel_source_ships_in_the_package():
+    """A header the kernels include but the package data leaves out builds in a checkout and fails in a wheel."""
+    import fnmatch
+    import tomllib
+
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["treeffn"]
+    pkg = ROOT / "src" / "treeffn"
+    sources = [p.relative_to(pkg).as_posix() for p in (pkg / "kernels" / "csrc").iterdir() if p.is_file()]
+    assert sources
+    missing = [s for s in sources if not any(fnmatch.fnmatch(s, g) for g in globs)]
+    assert not missing, f"kernel sources left out of the package data: {missing}"
