@@ -506,6 +506,37 @@ def test_torch_walk_on_cuda():
                                rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 300])
+def test_read_rows_reads_the_given_nodes(ext, M, dtype):
+    """The memory floor of `bench layer` reads exactly the input and output rows of the nodes it is given: its sum
+    is theirs, on one thread (a few nodes) and on several (hundreds), whatever the prefetch distance."""
+    K, depth, W, D = 3, 6, 2, 24
+    w_in = torch.randn(K, 2 ** (depth + 1) - 1, W, D).to(dtype)
+    w_out = torch.randn_like(w_in)
+    g = torch.Generator().manual_seed(M)
+    nodes = torch.randint(0, w_in.shape[0] * w_in.shape[1], (M,), generator=g).unique()
+    rows = lambda w: w.float().reshape(K * w.shape[1], W * D)[nodes]  # noqa: E731
+    want = (rows(w_in).sum() + rows(w_out).sum()).item()
+    for ahead in (0, 1, 16, 10_000):
+        assert ext.read_rows(w_in, w_out, nodes, ahead) == pytest.approx(want, rel=1e-4, abs=1e-3)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ext.read_rows(w_in, w_out, torch.tensor([K * w_in.shape[1]]))
+    with pytest.raises(RuntimeError, match="int64"):
+        ext.read_rows(w_in, w_out, nodes.int())
+
+
+def test_bench_layer_floor_reads_the_nodes_the_kernel_visits(ext):
+    from treeffn.bench.layer import build_layer, visited_nodes
+
+    tree = build_layer("tree", 32, 2, 4)
+    x = torch.randn(5, 32)
+    K, N = tree.w_in.shape[:2]
+    paths = tree_paths(x, *params(tree)[:2], 4)  # (M, K, L) from the PyTorch reference
+    want = sorted({k * N + j for m in range(5) for k in range(K) for j in paths[m, k].tolist()})
+    assert visited_nodes(tree, x).tolist() == want
+
+
 def test_bench_layer_smoke(capsys):
     from treeffn.bench.common import check_record
     from treeffn.bench.layer import main
@@ -524,8 +555,8 @@ def test_bench_layer_smoke(capsys):
     # the baselines through their modules
     tree_module = "tree-cpp" if ti.extension() else "tree-torch"
     expected = {(tree_module, "module"), ("tree-torch", "kernel"), ("dense-train", "module"),
-                ("dense-infer", "module"), ("moe-top1", "module")} | ({("tree-cpp", "kernel")} if ti.extension()
-                                                                     else set())
+                ("dense-infer", "module"), ("moe-top1", "module")} | ({("tree-cpp", "kernel"), ("read-floor", "kernel")}
+                                                                     if ti.extension() else set())
     rows = {}
     for r in data["results"]:
         c = r["case"]

@@ -17,6 +17,11 @@ dense-infer      the shipped ``DenseMLP`` of equal *inference* width: K·L units
 moe-top1         the shipped ``MoE``: 16 experts, top-1 softmax router, each expert a GELU MLP of K·L units: the same
                  active units per token as the tree plus a 16-way router; sort, then a loop over the experts that
                  receive tokens (the usual MoE without fused kernels); no load-balancing loss
+read-floor       not a layer: the time to read the input and output weight rows of the nodes the tree visits on
+                 the call's input, each once, every address known up front (the C++ extension's ``read_rows``:
+                 no arithmetic, no dependence, the kernel's thread policy); a floor on what any kernel of this
+                 layer can reach in that cache state on this machine, so ``ratio`` there is the ceiling of the
+                 tree's. Timed as ``kernel`` path, for ``--route self`` only
 fff              PyPI ``fastfeedforward`` 0.2.1 ``FFF(D, 1, D, depth)`` in eval mode (its hard-path walk plus a
                  per-token Python loop over leaves), only for K = 1; skipped with a note when not installed
 ===============  ===================================================================================================
@@ -96,6 +101,8 @@ MOE_TOP_K = 1
 POOL = 8
 WARMUP, WARMUP_CUTOFF_S, MIN_REPEATS = 3, 0.1, 3
 BASELINES = ("dense-train", "dense-infer", "moe-top1")
+FLOOR = "read-floor"
+IMPLS = ("tree-cpp", "tree-torch", *BASELINES, FLOOR, "fff")
 KERNEL_BACKENDS = {"tree-cpp": "cpp", "tree-torch": "torch"}  # tree_infer's backend of each tree implementation
 CACHES = ("warm", "cold")
 PATHS = ("module", "kernel")
@@ -139,8 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights and activations; bf16 kernels accumulate in fp32 (fff always runs fp32)")
     p.add_argument("--d-model", type=int, default=768, help="model width D (even)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: keep the current setting)")
-    p.add_argument("--impls", default="tree-cpp,tree-torch,dense-train,dense-infer,moe-top1,fff",
-                   help="comma-separated subset of implementations to time")
+    p.add_argument("--impls", type=parse_choices(IMPLS), default=",".join(IMPLS),
+                   help="comma-separated subset of implementations to time (read-floor: the time to read the "
+                        "weight rows the tree visits, no arithmetic: the memory floor of any kernel)")
     p.add_argument("--cache", type=parse_choices(CACHES), default="warm,cold",
                    help="cache states to time: warm (one layer, the rows it reads stay cached), cold (the weights "
                         "evicted before every call, as inside a model)")
@@ -264,11 +272,14 @@ def targets(d_model: int, trees: int, depth: int, impls: list[str], paths: list[
     out = []
     tree_rows = [(impl, path) for impl in KERNEL_BACKENDS if impl in impls for path in paths
                  if path == "kernel" or impl == module_impl]
-    if tree_rows:
+    floor = FLOOR in impls and route == "self"
+    if tree_rows or floor:
         tree_copies = copies(lambda: build_layer("tree", d_model, trees, depth, dtype, route, huge_pages))
         for impl, path in tree_rows:
             calls = tree_copies if path == "module" else [_kernel_call(t, impl) for t in tree_copies]
             out.append((impl, path, calls))
+        if floor:
+            out.append((FLOOR, "kernel", tree_copies))  # the layers; floor_calls makes the calls per batch
     for name in BASELINES:
         if name in impls:
             out.append((name, "module", copies(lambda name=name: build_layer(name, d_model, trees, depth, dtype,
@@ -285,6 +296,26 @@ def targets(d_model: int, trees: int, depth: int, impls: list[str], paths: list[
     return out
 
 
+def visited_nodes(tree: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The distinct nodes the tree visits on the tokens x (M, D), as sorted flat indices k·N + j."""
+    b_in = tree.b_in.detach() if tree.b_in is not None else None
+    _, paths = extension().infer_paths(x, tree.w_in.detach(), b_in, tree.w_out.detach(), tree.depth, 0, 0)
+    K, N = tree.w_in.shape[:2]
+    return (paths + torch.arange(K).view(1, K, 1) * N).flatten().unique()
+
+
+def floor_calls(trees: list[nn.Module], inputs: list[torch.Tensor]) -> list[Callable]:
+    """One read-floor call per tree copy: on input x, read the rows of the nodes that copy visits on x (found once,
+    here, by the kernel itself)."""
+    ext = extension()
+    calls = []
+    for tree in trees:
+        u, v = tree.w_in.detach(), tree.w_out.detach()
+        nodes = {id(x): visited_nodes(tree, x) for x in inputs}
+        calls.append(lambda x, u=u, v=v, nodes=nodes: ext.read_rows(u, v, nodes[id(x)]))
+    return calls
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     before = use_small_gemm(args.gemm == "small")
@@ -297,12 +328,17 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    impls = [s.strip() for s in args.impls.split(",") if s.strip()]
+    impls = list(args.impls)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     D = args.d_model
     notes = []
 
     drop_unbuilt_cpp(impls, extension, notes)
+    if FLOOR in impls and extension() is None:
+        impls.remove(FLOOR)
+        notes.append(f"{FLOOR} skipped: it needs the C++ extension")
+    if FLOOR in impls and args.route != "self":
+        notes.append(f"{FLOOR} skipped: only for --route self (route children reads both children's input rows)")
     FFF = None
     if "fff" in impls:
         if args.skip_fff:
@@ -367,6 +403,8 @@ def _run(args) -> int:
                 timings = {}
                 with torch.no_grad():
                     for impl, path, calls in timed:
+                        if impl == FLOOR:
+                            calls = floor_calls(calls, inputs)
                         timings[impl, path] = (time_calls(calls, inputs, cache, evict, args), len(calls))
                 base = timings.get(("dense-train", "module"), (None,))[0]
                 for (impl, path), (t, n) in timings.items():

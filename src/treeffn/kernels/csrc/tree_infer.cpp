@@ -739,6 +739,61 @@ std::tuple<at::Tensor, at::Tensor> infer_paths(const at::Tensor& x, const at::Te
   return {y, paths};
 }
 
+// ---- memory floor (benchmarks) -------------------------------------------------------------------------------
+// What any kernel needs at least to bring a walk's weights in: the input and output rows of the given nodes read
+// once each, with no dependence between them (every address known up front, `ahead` nodes prefetched in advance),
+// no arithmetic beyond a sum that keeps the loads alive, split across threads as run() splits tokens (one thread
+// below kParallelWork elements). `treeffn bench layer` times it on the nodes a batch visits (its read-floor rows).
+template <typename TW>
+float sum_rows(const TW* __restrict u, const TW* __restrict v, const int64_t* rows, int64_t r0, int64_t r1,
+               int64_t n, int64_t ahead) {
+  for (int64_t i = r0; i < std::min(r1, r0 + ahead); ++i) prefetch_l2(u + rows[i] * n, n), prefetch_l2(v + rows[i] * n, n);
+  float s = 0.0f;
+  for (int64_t i = r0; i < r1; ++i) {
+    if (i + ahead < r1) prefetch_l2(u + rows[i + ahead] * n, n), prefetch_l2(v + rows[i + ahead] * n, n);
+    const TW* a = u + rows[i] * n;
+    const TW* b = v + rows[i] * n;
+#pragma omp simd reduction(+ : s)
+    for (int64_t d = 0; d < n; ++d) s += load(a, d) + load(b, d);
+  }
+  return s;
+}
+
+double read_rows(const at::Tensor& w_in, const at::Tensor& w_out, const at::Tensor& nodes, int64_t ahead) {
+  TORCH_CHECK(w_in.dim() == 4 && w_out.sizes() == w_in.sizes() && w_in.is_contiguous() && w_out.is_contiguous() &&
+                  w_in.device().is_cpu() && w_out.device().is_cpu() && kernel_dtype(w_in) &&
+                  w_out.scalar_type() == w_in.scalar_type(),
+              "read_rows: w_in and w_out must be contiguous (K, N, W, D) CPU tensors of one kernel dtype");
+  TORCH_CHECK(nodes.dim() == 1 && nodes.scalar_type() == at::kLong && nodes.is_contiguous() && ahead >= 0,
+              "read_rows: nodes must be a contiguous 1-d int64 tensor of flat node indices k*N + j");
+  const int64_t R = nodes.numel(), KN = w_in.size(0) * w_in.size(1), n = w_in.size(2) * w_in.size(3);
+  const int64_t* rows = nodes.data_ptr<int64_t>();
+  for (int64_t i = 0; i < R; ++i) TORCH_CHECK(rows[i] >= 0 && rows[i] < KN, "read_rows: node index out of range");
+  const int nthreads = R * n < kParallelWork || at::in_parallel_region() ? 1 : at::get_num_threads();
+  double total = 0.0;
+  auto go = [&](auto tag) {
+    using TW = decltype(tag);
+    const TW* u = reinterpret_cast<const TW*>(w_in.data_ptr());
+    const TW* v = reinterpret_cast<const TW*>(w_out.data_ptr());
+    if (nthreads == 1) {
+      total = sum_rows(u, v, rows, 0, R, n, ahead);
+      return;
+    }
+#pragma omp parallel num_threads(nthreads) reduction(+ : total)
+    {
+#ifdef _OPENMP
+      const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+      const int tid = 0, nt = 1;
+#endif
+      total += sum_rows(u, v, rows, R * tid / nt, R * (tid + 1) / nt, n, ahead);
+    }
+  };
+  if (is_bf16(w_in)) go(bf16_t{});
+  else go(float{});
+  return total;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -753,6 +808,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("x"), pybind11::arg("w_in"), pybind11::arg("b_in"), pybind11::arg("w_out"),
         pybind11::arg("depth"), pybind11::arg("act"), pybind11::arg("placement"),
         pybind11::arg("thr") = pybind11::none(), pybind11::arg("route") = 0);
+  m.def("read_rows", &read_rows, "sum of the input and output rows of the given flat node indices k*N + j, read "
+        "with `ahead` nodes prefetched in advance (the memory floor of a walk; benchmarks)", pybind11::arg("w_in"),
+        pybind11::arg("w_out"), pybind11::arg("nodes"), pybind11::arg("ahead") = 16);
   m.def("infer_paths", &infer_paths, "(y, paths (M, K, L) int64); arguments as infer", pybind11::arg("x"),
         pybind11::arg("w_in"), pybind11::arg("b_in"), pybind11::arg("w_out"), pybind11::arg("depth"),
         pybind11::arg("act"), pybind11::arg("placement"), pybind11::arg("thr") = pybind11::none(), pybind11::arg("route") = 0);
