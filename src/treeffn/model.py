@@ -22,6 +22,7 @@ from .config import Config, get_config
 from .errors import DataError, TreeffnError
 from .kernels import decode_attention
 from .kernels.small_linear import Linear
+from .kernels.small_norm import LayerNorm, RMSNorm
 from .layers import build_ffn
 from .layers.registry import INIT_STD, residual_std
 from .mod import RoutedBlock
@@ -121,8 +122,8 @@ class KVCache:
 def make_norm(cfg: Config) -> nn.Module:
     m = cfg.model
     if m.norm == "rmsnorm":
-        return nn.RMSNorm(m.d_model, eps=m.norm_eps)
-    return nn.LayerNorm(m.d_model, eps=m.norm_eps, bias=m.bias)
+        return RMSNorm(m.d_model, eps=m.norm_eps)
+    return LayerNorm(m.d_model, eps=m.norm_eps, bias=m.bias)
 
 
 class Rotary(nn.Module):
