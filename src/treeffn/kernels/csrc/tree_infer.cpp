@@ -261,6 +261,13 @@ inline void axpy(float a, const TW* __restrict v, float* __restrict acc, int64_t
   for (int64_t d = 0; d < D; ++d) acc[d] += a * load(v, d);
 }
 
+// acc[d] = a * v[d]: a token's first term, written instead of added to zeros (the same value: 0 + a·v rounds as
+// a·v, up to the sign of a zero), which spares the output's zero fill and one read of it.
+template <typename TW>
+inline void scale(float a, const TW* __restrict v, float* __restrict acc, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) acc[d] = a * load(v, d);
+}
+
 // Pull candidate rows towards the core before the current node's sign is known: the children 2j+1 and 2j+2 are
 // adjacent, and so are the four grandchildren 4j+3 .. 4j+6, so each generation is one contiguous block of rows.
 // Touching the first lines of each row is enough for the hardware stream prefetcher to carry on: prefetching
@@ -360,7 +367,7 @@ void route(const Problem& p, const float* __restrict x, const TW* __restrict u, 
   }
 }
 
-// Output columns [d0, d1) of one routed token: acc[d0, d1) += its trees' contributions, trees in order, then
+// Output columns [d0, d1) of one routed token: acc[d0, d1) = its trees' contributions, trees in order, then
 // levels, then units (walk_block's order). z: d1 - d0 floats of scratch (output placement). d0 must be a multiple
 // of 8 and d1 one of 8 or D, so that add_act splits the columns into vectors and a scalar tail as it would whole
 // rows (its vector and scalar φ differ in the last bits).
@@ -370,12 +377,16 @@ void accumulate(const Problem& p, const float* __restrict lam, const int64_t* __
   const int64_t D = p.D, W = p.W, WD = W * D, L = p.L, NWD = p.N * WD, n = d1 - d0;
   const bool node_place = p.placement == NODE;
   float* target = node_place ? acc + d0 : z;
+  if (!node_place) std::fill(acc + d0, acc + d1, 0.0f);
   for (int64_t k = 0; k < p.K; ++k) {
     if (!node_place) std::fill(z, z + n, 0.0f);
     for (int64_t t = 0; t < L; ++t) {
       const TW* vr = v + k * NWD + node[k * L + t] * WD + d0;
       const float* l = lam + (k * L + t) * W;
-      for (int64_t w = 0; w < W; ++w) axpy(node_place ? act_scalar(p.act, l[w]) : l[w], vr + w * D, target, n);
+      for (int64_t w = 0; w < W; ++w) {
+        if (node_place && k == 0 && t == 0 && w == 0) scale(act_scalar(p.act, l[w]), vr, target, n);
+        else axpy(node_place ? act_scalar(p.act, l[w]) : l[w], vr + w * D, target, n);
+      }
     }
     if (!node_place) add_act(p.act, z, acc + d0, n);
   }
@@ -398,7 +409,8 @@ struct BlockScratch {
   }
 };
 
-// B tokens (rows xs + b*D) through tree k, level by level. Tokens at the same node are processed together, so a
+// B tokens (rows xs + b*D) through tree k, level by level, adding its contributions to their output rows (acc +
+// b*D; written rather than added for the first tree, first: the rows need no zero fill). Tokens at the same node are processed together, so a
 // node's weights are read from memory once per block instead of once per token: at large batch the top levels
 // (and, for shallow trees, every level) are shared by many tokens, and reading each token's own path from L3 is
 // what limits a token-at-a-time walk. Children of nodes in increasing order are again in increasing order, so a
@@ -406,12 +418,13 @@ struct BlockScratch {
 // acc rows: acc + b*D. paths (if not null): token b's entries at paths + b*path_stride.
 template <typename TW>
 void walk_block(const Problem& p, int64_t B, const float* __restrict xs, const TW* __restrict u_k,
-                const TW* __restrict b_k, const TW* __restrict v_k, const float* __restrict thr_k,
+                const TW* __restrict b_k, const TW* __restrict v_k, const float* __restrict thr_k, bool first,
                 float* __restrict acc, BlockScratch& sc, int64_t* paths, int64_t path_stride) {
   const int64_t D = p.D, W = p.W, WD = W * D, L = p.L;
   const bool node_place = p.placement == NODE;
   float* target = node_place ? acc : sc.z;
   if (!node_place) std::fill(sc.z, sc.z + B * D, 0.0f);
+  if (!node_place && first) std::fill(acc, acc + B * D, 0.0f);
   for (int64_t b = 0; b < B; ++b) sc.order[b] = static_cast<int32_t>(b), sc.node[b] = 0;
   int32_t* order = sc.order;
   int32_t* next = sc.order2;
@@ -445,7 +458,8 @@ void walk_block(const Problem& p, int64_t B, const float* __restrict xs, const T
         for (int64_t w = 0; w < W; ++w) {
           const float lam = sc.lam[b * W + w];
           s += lam;
-          axpy(node_place ? act_scalar(p.act, lam) : lam, v + w * D, target + b * D, D);
+          if (node_place && first && t == 0 && w == 0) scale(act_scalar(p.act, lam), v, target + b * D, D);
+          else axpy(node_place ? act_scalar(p.act, lam) : lam, v + w * D, target + b * D, D);
         }
         if (paths) paths[b * path_stride + t] = j;
         sc.node[b] = 2 * j + 1 + (s > thr ? 1 : 0);
@@ -503,7 +517,7 @@ struct TokenScratch {
   }
 };
 
-// Tokens [m0, m1), all trees, on the calling thread, accumulating into acc (rows of D floats, row 0 is token m0).
+// Tokens [m0, m1), all trees, on the calling thread, written to acc (rows of D floats, row 0 is token m0).
 // fp32 tokens are read in place; bf16 tokens are widened once per block. A block of one token (batch 1, or the
 // last of a range) goes through route + accumulate, a larger one through walk_block tree by tree.
 template <typename TX, typename TW>
@@ -539,7 +553,7 @@ void run_range(const Problem& p, const TX* x, const TW* u, const TW* b, const TW
       const TW* bk = b ? b + k * NW : nullptr;
       const float* tk = p.thr ? p.thr + k * p.N : nullptr;
       int64_t* pk = paths ? paths + mb * K * L + k * L : nullptr;
-      walk_block(p, nb, xf, u + k * NWD, bk, v + k * NWD, tk, a, sc, pk, K * L);
+      walk_block(p, nb, xf, u + k * NWD, bk, v + k * NWD, tk, k == 0, a, sc, pk, K * L);
     }
   }
 }
@@ -552,7 +566,6 @@ void run_tokens(const Problem& p, const TX* x, const TW* u, const TW* b, const T
   if (m1 <= m0) return;
   if (std::is_same<TX, float>::value) {
     float* acc = reinterpret_cast<float*>(y) + m0 * D;
-    std::fill(acc, acc + (m1 - m0) * D, 0.0f);
     run_range(p, x, u, b, v, acc, paths, m0, m1);
     return;
   }
@@ -562,7 +575,6 @@ void run_tokens(const Problem& p, const TX* x, const TW* u, const TW* b, const T
   if (static_cast<int64_t>(accbuf.size()) < chunk * D) accbuf.resize(chunk * D);
   for (int64_t c = m0; c < m1; c += chunk) {
     const int64_t n = std::min(chunk, m1 - c);
-    std::fill(accbuf.data(), accbuf.data() + n * D, 0.0f);
     run_range(p, x, u, b, v, accbuf.data(), paths, c, c + n);
     store(accbuf.data(), y + c * D, n * D);
   }
@@ -608,7 +620,6 @@ void run_trees(const Problem& p, const TX* x, const TW* u, const TW* b, const TW
       float* z = scratch(d1 - d0);
       for (int64_t m = 0; m < M; ++m) {
         float* a = acc + m * D;
-        std::fill(a + d0, a + d1, 0.0f);
         accumulate(p, lam + m * KLW, node + m * KL, v, a, d0, d1, z);
         if (!fx) store(a + d0, y + m * D + d0, d1 - d0);
       }
