@@ -410,12 +410,12 @@ struct BlockScratch {
 };
 
 // B tokens (rows xs + b*D) through tree k, level by level, adding its contributions to their output rows (acc +
-// b*D; written rather than added for the first tree, first: the rows need no zero fill). Tokens at the same node are processed together, so a
-// node's weights are read from memory once per block instead of once per token: at large batch the top levels
-// (and, for shallow trees, every level) are shared by many tokens, and reading each token's own path from L3 is
-// what limits a token-at-a-time walk. Children of nodes in increasing order are again in increasing order, so a
-// stable partition of each run into left-goers then right-goers keeps the order sorted by node without sorting.
-// acc rows: acc + b*D. paths (if not null): token b's entries at paths + b*path_stride.
+// b*D; for the first tree, first, the token's first term is written: the rows need no zero fill). Tokens at the
+// same node are processed together, so a node's weights are read from memory once per block instead of once per
+// token: at large batch the top levels (and, for shallow trees, every level) are shared by many tokens, and reading
+// each token's own path from L3 is what limits a token-at-a-time walk. Children of nodes in increasing order are
+// again in increasing order, so a stable partition of each run into left-goers then right-goers keeps the order
+// sorted by node without sorting. paths (if not null): token b's entries at paths + b*path_stride.
 template <typename TW>
 void walk_block(const Problem& p, int64_t B, const float* __restrict xs, const TW* __restrict u_k,
                 const TW* __restrict b_k, const TW* __restrict v_k, const float* __restrict thr_k, bool first,
@@ -758,7 +758,8 @@ std::tuple<at::Tensor, at::Tensor> infer_paths(const at::Tensor& x, const at::Te
 template <typename TW>
 float sum_rows(const TW* __restrict u, const TW* __restrict v, const int64_t* rows, int64_t r0, int64_t r1,
                int64_t n, int64_t ahead) {
-  for (int64_t i = r0; i < std::min(r1, r0 + ahead); ++i) prefetch_l2(u + rows[i] * n, n), prefetch_l2(v + rows[i] * n, n);
+  for (int64_t i = r0; i < std::min(r1, r0 + ahead); ++i)
+    prefetch_l2(u + rows[i] * n, n), prefetch_l2(v + rows[i] * n, n);
   float s = 0.0f;
   for (int64_t i = r0; i < r1; ++i) {
     if (i + ahead < r1) prefetch_l2(u + rows[i + ahead] * n, n), prefetch_l2(v + rows[i + ahead] * n, n);
