@@ -133,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "two), one of equal inference width (K·L units), a 16-expert top-1 MoE of K·L-unit experts "
                     "(the shipped layers) and, for K=1, the PyPI fastfeedforward FFF; with the weights in cache "
                     "(warm) and evicted before every call (cold, as inside a model), the tree called as a module "
-                    "and as the raw kernel. Prints a table of µs per call and speed-up over the dense layer of "
-                    "equal training width, then one JSON line.",
+                    "and as the raw kernel, and the time merely reading the weight rows the tree visits takes (the "
+                    "memory floor of any kernel on the same threads, read-floor). Prints a table of µs per call and "
+                    "speed-up over the dense layer of equal training width, then one JSON line.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--configs", type=parse_configs, default="1x11,16x7,32x6",
                    help="comma-separated KxDEPTH tree configurations (K trees of the given depth, 1 unit per node)")
@@ -148,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: keep the current setting)")
     p.add_argument("--impls", type=parse_choices(IMPLS), default=",".join(IMPLS),
                    help="comma-separated subset of implementations to time (read-floor: the time to read the "
-                        "weight rows the tree visits, no arithmetic: the memory floor of any kernel)")
+                        "weight rows the tree visits, no arithmetic: the memory floor of any kernel on the same "
+                        "threads)")
     p.add_argument("--cache", type=parse_choices(CACHES), default="warm,cold",
                    help="cache states to time: warm (one layer, the rows it reads stay cached), cold (the weights "
                         "evicted before every call, as inside a model)")
@@ -384,7 +386,9 @@ def _run(args) -> int:
         print(f"cold: before every call, read {EVICT_LLC * llc / 2**20:.0f} MiB ({EVICT_LLC}x the last-level cache), "
               "then make the same call on another copy of the layer (code, interpreter and input back in cache)")
     print("µs per call: median and min over the timed calls; ratio = dense-train µs / impl µs in the same cache "
-          "state (median, and min/min); ideal = K·N/(K·L) units read per token; copies = layers rotated through")
+          "state (median, and min/min); ideal = K·N/(K·L) units read per token; copies = layers rotated through"
+          + (f"; {FLOOR} = reading the weight rows the tree visits, no arithmetic: a floor for any kernel on the "
+             "same threads" if FLOOR in impls else ""))
     results = []
     gen = torch.Generator().manual_seed(args.seed)
     header = (f"{'config':>7} {'batch':>6} {'cache':>5} {'impl':>12} {'path':>6} {'µs median':>12} {'µs min':>12} "
