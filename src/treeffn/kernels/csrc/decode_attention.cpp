@@ -37,8 +37,10 @@ namespace {
 
 // Below this many cached floats read (keys and values of every head) the step stays on the calling thread.
 constexpr int64_t kParallelWork = 1 << 15;
-// Cached rows read ahead of the one being used (keys in the score pass, values in the weighted sum).
-constexpr int64_t kPrefetchRows = 8;
+// Cached rows read ahead of the one being used (keys and values in the score pass, values in the weighted sum):
+// at batch 8 with 192 and 384 cached positions, 16 rows and the values prefetched with the keys took the step 4 %
+// and 7 % less time than 8 rows and the values left to the weighted sum; batch 1 unchanged.
+constexpr int64_t kPrefetchRows = 16;
 
 inline void rotate(const float* __restrict x, const float* __restrict row, float* __restrict out, int64_t C) {
   const int64_t half = C / 2;
@@ -84,7 +86,8 @@ inline void attend_head(const float* __restrict q, const float* __restrict kbase
   for (int64_t j = 0; j < S; ++j) {
     const float* kj = kbase + slot(j) * kss;
     const float* kn = kbase + ahead(j) * kss;
-    for (int64_t c = 0; c < C; c += 16) __builtin_prefetch(kn + c, 0, 3);
+    const float* vn = vbase + ahead(j) * vss;  // the value pass's rows start coming in with the keys
+    for (int64_t c = 0; c < C; c += 16) __builtin_prefetch(kn + c, 0, 3), __builtin_prefetch(vn + c, 0, 2);
     float d = 0.0f;
 #pragma omp simd reduction(+ : d)
     for (int64_t c = 0; c < C; ++c) d += q[c] * kj[c];
