@@ -361,3 +361,17 @@ def test_small_gemm_is_recorded_and_switched_back(name, extra, says, capsys):
     out = capsys.readouterr().out
     assert json_line(out)["settings"]["gemm"] == "small" and says in out
     assert not small_gemm_on()
+
+
+def test_generate_paired_ratio_follows_each_round():
+    """Each round's dense/tree decoding time ratio, median over rounds: a machine that slows down between rounds
+    (every call of round i f_i times slower) leaves it exact; a round without decoding time gives None."""
+    slow = [1.0, 1.5, 3.0, 1.2, 2.2]
+    def timing(seconds):
+        return common.Timing([seconds * f for f in slow])
+
+    t = {"dense/prefill": timing(0.5), "dense/generate": timing(2.5), "tree/prefill": timing(0.4),
+         "tree/generate": timing(1.4)}
+    assert generate.paired_ratio(t) == pytest.approx(2.0)
+    t["tree/generate"] = timing(0.4)  # no decoding time left
+    assert generate.paired_ratio(t) is None

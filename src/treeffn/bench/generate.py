@@ -7,9 +7,11 @@ tree/dense ratios, and the ideal decoding ratio from analytic FLOPs per token.
 
 Timing (``common.measure``): the prefill (one cached forward of the prompt) and the whole ``GPT.generate`` call of
 both models, interleaved, ``--warmup`` untimed rounds then ``--repeats`` timed ones; medians. Decoding time is the
-generate call's median minus the prefill's. JSON rows (schema of ``bench/common.py``): ``case`` {batch, phase
-prefill | generate, prompt, new}, ``impl`` dense | tree, ``metrics`` {prefill_tok_s, prefill_ratio} or
-{decode_tok_s, decode_ratio, ideal_ratio_flops}.
+generate call's median minus the prefill's. ``paired``: each round's decoding time of the dense model over the tree
+model's (generate minus prefill, all four calls of the round back to back), median over the rounds — a ratio that
+a machine slowing down or speeding up between rounds moves less than the ratio of medians. JSON rows (schema of
+``bench/common.py``): ``case`` {batch, phase prefill | generate, prompt, new}, ``impl`` dense | tree, ``metrics``
+{prefill_tok_s, prefill_ratio} or {decode_tok_s, decode_ratio, decode_ratio_paired, ideal_ratio_flops}.
 
 ``ideal (bytes)``: the ratio of the bytes a decoding step reads from memory, analytic — every weight of the model
 once per step (the embedding: only the rows of the batch's tokens; tree layers: the nodes the batch visits, uniform
@@ -30,6 +32,7 @@ few µs per call, counted in the module they wrap. Printed as a second table, an
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -129,6 +132,19 @@ def decode_shares(model: GPT, batch: int, prompt: int, new: int) -> dict:
     return {**{k: v / decode_s for k, v in spent.items()}, "ms_per_step": decode_s / steps * 1e3}
 
 
+def paired_ratio(t: dict) -> float | None:
+    """Median over the timed rounds of dense decoding time / tree decoding time in that round (generate minus
+    prefill), or None when a round's decoding time is not positive (too few new tokens, or noise)."""
+    rounds = zip(*(t[f"{name}/{phase}"].samples for name in ("dense", "tree") for phase in ("prefill", "generate")))
+    ratios = []
+    for dense_prefill, dense_generate, tree_prefill, tree_generate in rounds:
+        d, tr = dense_generate - dense_prefill, tree_generate - tree_prefill
+        if d <= 0 or tr <= 0:
+            return None
+        ratios.append(d / tr)
+    return statistics.median(ratios) if ratios else None
+
+
 def _fmt(v: float | None, spec: str, suffix: str = "") -> str:
     return "-" if v is None else f"{v:{spec}}{suffix}"
 
@@ -197,21 +213,28 @@ def _run(args, overrides: dict) -> int:
                              "new tokens, or noise): no decoding speed")
         ratio = {name: decode[name] / decode["dense"] if decode[name] and decode["dense"] else None
                  for name in ("dense", "tree")}
+        paired = paired_ratio(t)
+        if paired is None:
+            notes.append(f"batch {b}: a round's generate call was not slower than its prefill (too few new tokens, "
+                         "or noise): no paired ratio")
         for name in ("dense", "tree"):
             results.append(row({"batch": b, "phase": "prefill", "prompt": args.prompt, "new": 0}, name,
                                t[f"{name}/prefill"], prefill_tok_s=prefill[name],
                                prefill_ratio=prefill[name] / prefill["dense"]))
             results.append(row({"batch": b, "phase": "generate", "prompt": args.prompt, "new": args.new}, name,
                                t[f"{name}/generate"], decode_tok_s=decode[name],
-                               decode_ratio=ratio[name], ideal_ratio_flops=ideal))
+                               decode_ratio=ratio[name],
+                               decode_ratio_paired=paired if name == "tree" else (1.0 if paired else None),
+                               ideal_ratio_flops=ideal))
         ideal_bytes = decode_bytes(dense, b, args.prompt, args.new) / decode_bytes(tree, b, args.prompt, args.new)
         results[-1]["metrics"]["ideal_ratio_bytes"] = round(ideal_bytes, 4)
         rows.append([b, f"{prefill['dense']:,.0f}", f"{prefill['tree']:,.0f}",
                      f"{prefill['tree'] / prefill['dense']:.2f}x", _fmt(decode["dense"], ",.1f"),
-                     _fmt(decode["tree"], ",.1f"), _fmt(ratio["tree"], ".2f", "x"), f"{ideal:.2f}x",
+                     _fmt(decode["tree"], ",.1f"), _fmt(ratio["tree"], ".2f", "x"), _fmt(paired, ".2f", "x"),
+                     f"{ideal:.2f}x",
                      f"{ideal_bytes:.2f}x"])
     print_table(["batch", "dense prefill tok/s", "tree prefill tok/s", "ratio", "dense decode tok/s",
-                 "tree decode tok/s", "ratio", "ideal (FLOPs)", "ideal (bytes)"], rows)
+                 "tree decode tok/s", "ratio", "paired", "ideal (FLOPs)", "ideal (bytes)"], rows)
     summary = {"flops_per_token": {"dense": f_dense, "tree": f_tree}, "ideal_ratio_flops": ideal}
     if args.shares:
         shares = {b: {name: decode_shares(m, b, args.prompt, args.new) for name, m in (("dense", dense),
