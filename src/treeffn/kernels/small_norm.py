@@ -21,15 +21,11 @@ from .build import load_extension
 
 SMALL_NORM_ROWS = 64
 
-_state = {"ext": None, "tried": False}
-
 
 def extension():
-    """The compiled kernel module, or ``None`` (with one warning from the loader) when it cannot be built."""
-    if not _state["tried"]:
-        _state["ext"] = load_extension("small_norm")
-        _state["tried"] = True
-    return _state["ext"]
+    """The compiled kernel module (built once, then cached by the loader), or ``None`` (with one warning from the
+    loader) when it cannot be built."""
+    return load_extension("small_norm")
 
 
 def small_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
